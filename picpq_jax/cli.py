@@ -1,0 +1,42 @@
+"""What the entry points share: config checks, and turning a user's mistake into one sentence and exit 2."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import ml_collections
+
+from picpq_jax import checkpoints
+
+# Errors that mean "the input is wrong": reported as one sentence, no traceback (PICPQ_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, checkpoints.CheckpointMismatchError)
+
+
+def report_user_errors(main):
+  """Wrap an absl main: user errors become `error: <sentence>` and exit 2; library chatter is silenced."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if os.environ.get('PICPQ_DEBUG'):
+        raise
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+  return wrapped
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fail fast, before any work, on settings that cannot work."""
+  from picpq_jax import data, models, training  # pylint: disable=g-import-not-at-top
+  if config.model.arch not in models.ARCHS:
+    raise ValueError(f'model.arch={config.model.arch!r} is not an architecture of the zoo; choose one of '
+                     f'{list(models.ARCHS)}.')
+  if config.data.name not in data.DATASETS:
+    raise ValueError(f'data.name={config.data.name!r} is not a dataset; choose one of {list(data.DATASETS)}.')
+  training.check_batch_size(config.train.batch_size)
+  if config.train.epochs < 0:
+    raise ValueError(f'train.epochs={config.train.epochs} must be >= 0.')

@@ -1,0 +1,31 @@
+"""The model zoo: every architecture is an `ArchSpec` executed by `Net`."""
+from __future__ import annotations
+
+from picpq_jax.models import mobilenetv2, resnet_cifar, resnet_imagenet, vgg
+from picpq_jax.models.net import Net
+from picpq_jax.models.spec import ArchSpec, BlockSpec, ConvSpec, DenseSpec
+
+_BUILDERS = {
+    'resnet20': lambda **kw: resnet_cifar.build_spec(20, **kw),
+    'resnet56': lambda **kw: resnet_cifar.build_spec(56, **kw),
+    'resnet110': lambda **kw: resnet_cifar.build_spec(110, **kw),
+    'vgg16': vgg.build_spec,
+    'mobilenetv2': mobilenetv2.build_spec,
+    'resnet18': lambda **kw: resnet_imagenet.build_spec(18, **kw),
+    'resnet50': lambda **kw: resnet_imagenet.build_spec(50, **kw),
+}
+ARCHS = tuple(_BUILDERS)
+
+
+def get_spec(arch: str, num_classes: int, image_size: int, in_channels: int) -> ArchSpec:
+  """The architecture spec of `arch` for the given data shape."""
+  if arch not in _BUILDERS:
+    raise ValueError(f'model.arch={arch!r} is not an architecture of the zoo; choose one of {list(ARCHS)}.')
+  return _BUILDERS[arch](num_classes=num_classes, image_size=image_size, in_channels=in_channels)
+
+
+def create_model(arch: str, num_classes: int, image_size: int, in_channels: int) -> Net:
+  return Net(get_spec(arch, num_classes, image_size, in_channels))
+
+
+__all__ = ['ARCHS', 'ArchSpec', 'BlockSpec', 'ConvSpec', 'DenseSpec', 'Net', 'create_model', 'get_spec']

@@ -1,0 +1,46 @@
+"""The masked, quantized conv unit every prunable layer is made of: [quantize input] -> conv -> BN -> mask."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from picpq_jax import quant
+from picpq_jax.models.spec import ConvSpec
+
+BN_MOMENTUM = 0.9  # Flax convention: running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
+BN_EPSILON = 1e-5
+
+# He-normal over fan_out, as torchvision and the original initialize convs.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class MaskedQConv(nn.Module):
+  """Conv (no bias) -> BatchNorm -> per-channel 0/1 mask.
+
+  With `bits = (w_bits, a_bits)` the input goes through the k-bit activation quantizer (which takes the place
+  of the ReLU before this conv) and the kernel through the k-bit weight quantizer; bits may be traced
+  arrays, 32 = full precision. The conv output before BatchNorm is sown as intermediates['conv'], where the
+  feature-map rank is taken. Returns the pre-activation (B, H', W', out_channels).
+  """
+  spec: ConvSpec
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None, bits: Any = None):
+    s = self.spec
+    kernel = self.param('kernel', conv_init, (s.kernel, s.kernel, s.in_channels // s.groups, s.out_channels))
+    if bits is not None:
+      w_bits, a_bits = bits[0], bits[1]
+      x = quant.act_quant(x, a_bits, signed=s.signed_input)
+      kernel = quant.weight_quant(kernel, w_bits)
+    pad = s.kernel // 2
+    y = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), window_strides=(s.stride, s.stride), padding=((pad, pad), (pad, pad)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=s.groups)
+    self.sow('intermediates', 'conv', y)
+    y = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name='bn')(y)
+    if mask is not None:
+      y = y * jnp.asarray(mask, y.dtype)
+    return y

@@ -1,0 +1,249 @@
+"""Train state, the jitted train/eval steps, and the epoch loop shared by every stage.
+
+Baseline training, the search's tau-step fine-tunes (fitness.py) and the QAT stages all use `loss_fn`,
+`make_train_step` and `make_eval_step`; masks and bits are ordinary pytree arguments, so one compiled step
+serves every candidate. Data parallelism: the batch is sharded over a 1-D mesh of all local devices along
+'data', parameters and optimizer state are replicated; XLA inserts the gradient all-reduce.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from picpq_jax import checkpoints, data
+from picpq_jax.metrics import MetricWriter
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer and schedules
+# ----------------------------------------------------------------------------------------------------------
+
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """cfg.schedule: 'cosine' (to 0 over all epochs), 'step' (x cfg.step_factor at cfg.step_fractions of the
+  epochs; the original's 0.2 at 30/60/80 %) or 'constant'."""
+  total = max(1, cfg.epochs * steps_per_epoch)
+  if cfg.schedule == 'cosine':
+    return optax.cosine_decay_schedule(cfg.learning_rate, total)
+  if cfg.schedule == 'step':
+    boundaries = {int(round(f * total)): cfg.step_factor for f in cfg.step_fractions}
+    return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
+  if cfg.schedule == 'constant':
+    return optax.constant_schedule(cfg.learning_rate)
+  raise ValueError(f"train.schedule={cfg.schedule!r} is not a schedule; choose 'cosine', 'step' or 'constant'.")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with (Nesterov) momentum and L2 weight decay added to the gradient, as torch.optim.SGD does."""
+  return optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay),
+      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+
+
+def create_train_state(model, tx: optax.GradientTransformation, key: jax.Array, image_shape) -> TrainState:
+  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Steps (pure; jit them at the call site)
+# ----------------------------------------------------------------------------------------------------------
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
+  """Mean softmax cross-entropy; `weights` (B,) 0/1 drop padded examples."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if weights is None:
+    return losses.mean()
+  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def loss_fn(params, batch_stats, model, batch: Mapping[str, jax.Array], masks=None, bits=None):
+  """Training-mode forward (BatchNorm uses and updates batch statistics) -> (loss, (logits, new stats))."""
+  logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=True,
+                                masks=masks, bits=bits, mutable=['batch_stats'])
+  return cross_entropy(logits, batch['label']), (logits, updates['batch_stats'])
+
+
+def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
+  """(state, batch, masks=None, bits=None) -> (state, {'loss', 'accuracy'}): one SGD step."""
+
+  def train_step(state: TrainState, batch, masks=None, bits=None):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, model, batch, masks, bits)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new, {'loss': loss, 'accuracy': accuracy}
+
+  return train_step
+
+
+def make_eval_step(model) -> Callable:
+  """(variables, batch, masks=None, bits=None) -> sums {'loss', 'correct', 'count'} over the batch's real
+  examples (batch['weight'] marks padding with 0)."""
+
+  def eval_step(variables, batch, masks=None, bits=None):
+    logits = model.apply(variables, batch['image'], train=False, masks=masks, bits=bits)
+    weights = batch.get('weight', jnp.ones(batch['label'].shape, jnp.float32))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+    return {'loss': (losses * weights).sum(), 'correct': (correct * weights).sum(), 'count': weights.sum()}
+
+  return eval_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------------------------------------
+
+def data_mesh() -> Mesh:
+  """A 1-D mesh over all devices, axis 'data' (the batch axis of training, the candidate axis of search)."""
+  return Mesh(np.array(jax.devices()), ('data',))
+
+
+def check_batch_size(batch_size: int, what: str = 'train.batch_size') -> None:
+  n = jax.device_count()
+  if batch_size % n:
+    raise ValueError(f'{what}={batch_size} is not divisible by the {n} devices; use a multiple of {n} '
+                     f'(e.g. {n * max(1, round(batch_size / n))}).')
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> dict:
+  """Pad a (last, short) eval batch to a multiple of the device count; 'weight' marks real examples."""
+  n = len(batch['label'])
+  size = int(math.ceil(n / multiple) * multiple)
+  out = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+  out['weight'] = np.concatenate([np.ones(n, np.float32), np.zeros(size - n, np.float32)])
+  return out
+
+
+def evaluate(eval_step: Callable, variables, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+             masks=None, bits=None) -> dict:
+  """Mean loss and accuracy over `batches` (eval_step already jitted)."""
+  totals = None
+  for batch in batches:
+    out = eval_step(variables, shard_batch(pad_batch(batch, mesh.size), mesh), masks, bits)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  return {'loss': float(totals['loss'] / totals['count']), 'accuracy': float(totals['correct'] / totals['count'])}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The epoch loop
+# ----------------------------------------------------------------------------------------------------------
+
+def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 'baseline',
+        init_variables: Optional[Mapping[str, Any]] = None, masks=None, bits=None,
+        train_cfg: Optional[ml_collections.ConfigDict] = None, select_best: bool = False) -> dict:
+  """Train `model` for train_cfg.epochs on config.data, checkpointing every epoch under <workdir>/<stage>.
+
+  Resumes from the latest checkpoint there (same step, same optimizer state, same data order: epoch e's
+  batches depend only on the seed and e). init_variables: start from these instead of a fresh init (a
+  previous stage's best). select_best: also keep the checkpoint with the best validation accuracy under
+  <workdir>/<stage>_best. Returns the final summary (validation metrics, best epoch, wall time).
+  """
+  train_cfg = train_cfg or config.train
+  info = data.dataset_info(config.data)
+  check_batch_size(train_cfg.batch_size)
+  mesh = data_mesh()
+  steps_per_epoch = data.steps_per_epoch(config.data, 'train', train_cfg.batch_size)
+  schedule = make_schedule(train_cfg, steps_per_epoch)
+  tx = make_optimizer(train_cfg, schedule)
+  image_shape = (info.image_size, info.image_size, info.in_channels)
+  state = create_train_state(model, tx, jax.random.key(config.seed), image_shape)
+  if init_variables is not None:
+    state = state.replace(params=init_variables['params'], batch_stats=init_variables['batch_stats'],
+                          opt_state=tx.init(init_variables['params']))
+  meta_expect = {'arch': config.model.arch, 'num_classes': info.num_classes, 'stage': stage}
+  mngr = checkpoints.manager(os.path.join(workdir, stage), max_to_keep=2)
+  best_mngr = checkpoints.manager(os.path.join(workdir, stage + '_best'), max_to_keep=1) if select_best else None
+  start_epoch, best = 0, {'accuracy': -1.0, 'epoch': -1}
+  if checkpoints.latest_step(mngr) is not None:
+    state, meta = checkpoints.restore(mngr, state, expect=meta_expect)
+    start_epoch, best = meta['epoch'] + 1, meta.get('best', best)
+  state = replicate(state, mesh)
+
+  train_step = jax.jit(make_train_step(model, tx), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model))
+  writer = MetricWriter(workdir, name=stage)
+  t_start = time.time()
+  for epoch in range(start_epoch, train_cfg.epochs):
+    t0, seen = time.time(), 0
+    bar = tqdm(data.epoch_batches(config.data, 'train', train_cfg.batch_size, train=True, epoch=epoch,
+                                  seed=config.seed),
+               total=steps_per_epoch, desc=f'{stage} epoch {epoch + 1}/{train_cfg.epochs}', leave=False)
+    sums = None
+    for batch in bar:
+      state, m = train_step(state, shard_batch(batch, mesh), masks, bits)
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      seen += len(batch['label'])
+    train_m = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
+    if not math.isfinite(train_m['loss']):
+      raise FloatingPointError(f'{stage}: the training loss became {train_m["loss"]} in epoch {epoch + 1}; '
+                               f'lower train.learning_rate (now {train_cfg.learning_rate}).')
+    elapsed = time.time() - t0
+    val = evaluate(eval_step, state.variables, data.epoch_batches(config.data, 'validation',
+                                                                 train_cfg.eval_batch_size, train=False),
+                   mesh, masks, bits)
+    step = int(jax.device_get(state.step))
+    row = {'epoch': epoch + 1, 'train_loss': train_m['loss'], 'train_accuracy': train_m['accuracy'],
+           'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'learning_rate': float(schedule(step)),
+           'images_per_sec': seen / elapsed}
+    writer.write(step, 'epoch', row)
+    tqdm.write(f'{stage} epoch {epoch + 1}: loss {train_m["loss"]:.4f} train acc {train_m["accuracy"]:.4f} '
+               f'val acc {val["accuracy"]:.4f} ({seen / elapsed:.0f} img/s)')
+    if select_best and val['accuracy'] > best['accuracy']:
+      best = {'accuracy': val['accuracy'], 'epoch': epoch}
+      checkpoints.save(best_mngr, step, state, {**meta_expect, 'epoch': epoch, 'best': best})
+    checkpoints.save(mngr, step, state, {**meta_expect, 'epoch': epoch, 'best': best})
+  return {'stage': stage, 'epochs': train_cfg.epochs, 'best': best, 'wall_time_s': time.time() - t_start,
+          'state': state}
+
+
+def load_variables(workdir: str, stage: str, config, best: bool = False) -> dict:
+  """The {'params', 'batch_stats'} of the latest (or best) checkpoint of `stage` in `workdir` (host arrays).
+
+  Restored without a target: the optimizer state's structure depends on the stage's recipe, and only the
+  model's variables are wanted.
+  """
+  directory = os.path.join(workdir, stage + ('_best' if best else ''))
+  mngr = checkpoints.manager(directory)
+  if checkpoints.latest_step(mngr) is None:
+    raise FileNotFoundError(f'no {stage} checkpoint in {directory}; run that stage first.')
+  state, _ = checkpoints.restore(mngr, None, expect={'arch': config.model.arch})
+  return {'params': state['params'], 'batch_stats': state['batch_stats']}

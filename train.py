@@ -1,0 +1,37 @@
+"""Train a dense baseline: `python train.py --config configs/<name>.py --workdir DIR`.
+
+--config: an ml_collections config file (configs/); any entry can be overridden, e.g.
+  --config.train.epochs=3 --config.data.data_dir=/data/tfds
+--workdir: where checkpoints (orbax), metrics (JSON lines, TensorBoard) and the summary go. Running the
+  same command again resumes from the last checkpoint in it.
+"""
+from picpq_jax import xla_setup
+
+xla_setup.configure_cpu()
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from picpq_jax import cli  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+@cli.report_user_errors
+def main(argv):
+  del argv
+  config = FLAGS.config
+  cli.check_config(config)
+  from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
+  summary = pipeline.train_baseline(config, FLAGS.workdir)
+  print(json.dumps(summary, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)
