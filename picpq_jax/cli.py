@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import os
 import sys
 
@@ -27,6 +28,19 @@ def report_user_errors(main):
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
   return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad `--config.x=y` override is one sentence and exit 2, not a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = ' '.join(re.sub(r'\\n|[\\\'"]', ' ', str(e)).split())
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    print(f'error: could not apply the command-line settings {bad or argv[1:]}: {message} '
+          f'(every key must exist in the config file; see configs/common.py).', file=sys.stderr)
+    sys.exit(2)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

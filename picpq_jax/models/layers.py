@@ -33,7 +33,8 @@ class MaskedQConv(nn.Module):
     kernel = self.param('kernel', conv_init, (s.kernel, s.kernel, s.in_channels // s.groups, s.out_channels))
     if bits is not None:
       w_bits, a_bits = bits[0], bits[1]
-      x = quant.act_quant(x, a_bits, signed=s.signed_input)
+      # The image (stem input) and linear bottlenecks are signed: a [0, 1] clip would zero their negatives.
+      x = quant.act_quant(x, a_bits, signed=s.signed_input or s.source is None)
       kernel = quant.weight_quant(kernel, w_bits)
     pad = s.kernel // 2
     y = jax.lax.conv_general_dilated(
