@@ -33,4 +33,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.schedule = 'cosine'
   c.train.step_fractions = (0.3, 0.6, 0.8)
   c.train.step_factor = 0.2
+  return add_search_config(c)
+
+
+def add_search_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The PIC-PQ search (METHOD.md, stages 2-6) with the original's settings."""
+  c.search = ml_collections.ConfigDict()
+  c.search.criterion = 'rank'  # filter property: 'rank' | 'l1' | 'l2' | 'bn_gamma'
+  c.search.calibration_batches = 6  # 6 x 128 training images for the feature-map rank
+  c.search.calibration_batch_size = 128
+  c.search.keep_fraction = 0.45  # FLOPs target: keep 45 % of the dense MACs (ResNet-56 / CIFAR-10)
+  c.search.safeguard = 0.1
+  c.search.check_every = 1  # 10 reproduces the original's plans exactly
+  c.search.strategy = 'aging_evolution'
+  c.search.population = 64
+  c.search.tournament = 16
+  c.search.total_evaluations = 400  # the initial population included
+  c.search.num_children = 1  # K children per round; 1 is the original algorithm
+  c.search.tau = 200  # SGD steps of the fine-tune inside the fitness
+  c.search.batch_size = 128
+  c.search.learning_rate = 0.01
+  c.search.momentum = 0.9
+  c.search.nesterov = False
+  c.search.weight_decay = 5e-4
+  c.search.val_batch_size = 500  # the fitness reads floor(val_size / val_batch_size) validation batches
+  c.search.chunk_size = 1  # candidates per chunk on each device (memory bound of the vmapped mode)
+  c.search.eval_mode = 'auto'  # 'vmap' | 'map' | 'auto' ('map' on CPU, 'vmap' on GPU/TPU)
+  c.search.quantize = False  # fine-tune inside the fitness with the assigned bits (the original does not)
+  c.search.bit_penalty = 1 / 6  # lambda of bits = B_max - ceil(lambda / s)
+  c.search.min_bits = 2
+
   return c

@@ -10,6 +10,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from picpq_jax import data, metrics, models, training
 
@@ -56,3 +57,54 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def load_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return training.load_variables(workdir, BASELINE, config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compression stages
+# ----------------------------------------------------------------------------------------------------------
+
+FILTER_PROPERTIES = 'filter_properties.npz'
+SEARCH = 'search'
+POLICY = 'policy.json'
+
+
+def check_search_config(config: ml_collections.ConfigDict, topo) -> None:
+  """Settings the search cannot run with, reported before any work starts."""
+  from picpq_jax import criteria, evolution, fitness, pruning  # pylint: disable=g-import-not-at-top
+  s = config.search
+  if s.criterion not in criteria.KINDS:
+    raise ValueError(f'search.criterion={s.criterion!r} is not a filter property; choose one of '
+                     f'{list(criteria.KINDS)}.')
+  if s.tau < 0:
+    raise ValueError(f'search.tau={s.tau} must be >= 0 (SGD steps of the fine-tune inside the fitness).')
+  fitness.resolve_eval_mode(s.eval_mode)
+  evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children, s.total_evaluations,
+                          tournament_size=s.tournament)
+  # The identity candidate (a = 1, b = 0) with all-zero properties: if even it cannot reach the target under
+  # the safeguard, global_prune says so in one sentence.
+  zeros = [np.zeros(l.out_channels, np.float32) for l in topo.layers]
+  pruning.global_prune(topo, zeros, np.ones(topo.num_layers), np.zeros(topo.num_layers), s.keep_fraction,
+                       s.safeguard, s.check_every)
+  if s.val_batch_size > config.data.val_size:
+    raise ValueError(f'search.val_batch_size={s.val_batch_size} exceeds data.val_size={config.data.val_size}; '
+                     'the fitness needs at least one full validation batch.')
+
+
+def compute_filter_properties(config, workdir: str, model, topo, variables) -> dict:
+  """Stage 2: per-layer FP vectors (saved to <workdir>/filter_properties.npz)."""
+  from picpq_jax import criteria  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, FILTER_PROPERTIES)
+  if os.path.exists(path):
+    with np.load(path) as f:
+      return {name: f[name] for name in topo.names}
+  s = config.search
+  batches = None
+  if s.criterion == 'rank':
+    # Eval-mode statistics on plain (unaugmented) training images, as the original's calibration.
+    batches = data.fixed_batches(config.data, 'train', s.calibration_batch_size, s.calibration_batches,
+                                 seed=config.seed, train=False)['image']
+  fp = criteria.filter_properties(model, variables, batches, s.criterion)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **fp)
+  os.replace(tmp, path)
+  return fp
