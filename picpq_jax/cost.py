@@ -1,0 +1,174 @@
+"""The cost model of a pruned, quantized CNN: MACs ("FLOPs"), parameters and bit-operations (BOPs).
+
+METHOD.md, "Placement and BOPs": a conv l costs out_h * out_w * k * k * (c_in_kept / groups) * c_out_kept
+multiply-accumulates, where c_out_kept = keep[l] and c_in_kept = keep[source(l)] (the image's channels for
+the stem); a depthwise conv costs out_h * out_w * k * k * c_out_kept (pruning its input removes the
+channel outright). The first dense layer reads the kept channels of `topology.head_source` through global
+average pooling; the dense layers after it are never pruned. BOPs weight each conv's MACs by its weight and
+activation bits and the dense layers' by 32 x 32.
+
+Every function is pure jnp over `keep`, a (..., L) array of kept output channels per prunable layer in
+forward order (floats or ints; any leading batch axes), so it runs under jit and vmap; the topology is a
+closed-over constant whose numpy index arrays are baked into the trace. This is the only copy of these
+formulas: pruning.py, the bit assignment and the report all call it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from picpq_jax import models
+from picpq_jax.topology import Topology
+
+DENSE_BITS = 32  # the classifier stays full precision (METHOD.md, "Bits")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tables:
+  """Per-layer constants of the cost formulas, numpy arrays of shape (L,)."""
+  window: np.ndarray  # out_h * out_w * k * k: MACs per (input channel per group, output channel) pair
+  source: np.ndarray  # index into keep extended by the image's channels at position L
+  depthwise: np.ndarray  # bool
+  groups: np.ndarray  # groups of a grouped conv that is not depthwise (1 otherwise)
+  kernel_area: np.ndarray  # k * k
+  head_source: int  # layer read by the first dense layer
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(topology: Topology) -> _Tables:
+  layers = topology.layers
+  source = topology.source_index.copy()
+  source[source < 0] = len(layers)  # the image, appended after the layers by `_input_channels_per_group`
+  depthwise = np.array([l.depthwise for l in layers])
+  return _Tables(
+      window=np.array([l.out_height * l.out_width * l.kernel ** 2 for l in layers], np.int64),
+      source=source,
+      depthwise=depthwise,
+      groups=np.where(depthwise, 1, [l.groups for l in layers]).astype(np.int64),
+      kernel_area=np.array([l.kernel ** 2 for l in layers], np.int64),
+      head_source=topology.index(topology.head_source))
+
+
+def _as_keep(keep: Any) -> jax.Array:
+  """`keep` as a jnp array of a float or signed integer dtype (bools and unsigned ints become int32)."""
+  keep = jnp.asarray(keep)
+  return keep if jnp.issubdtype(keep.dtype, jnp.floating) or jnp.issubdtype(keep.dtype, jnp.signedinteger) \
+      else keep.astype(jnp.int32)
+
+
+def _const(value: Any, dtype) -> jax.Array:
+  """An integer host constant in `dtype`; in an integer dtype it wraps modulo 2^bits as integer arithmetic
+  does, so the int32 cost of a model past 2^31 MACs stays exact modulo 2^32 (pruning.py relies on that)."""
+  value = np.asarray(value, np.int64)
+  if jnp.issubdtype(dtype, jnp.integer):
+    half = np.int64(2) ** (jnp.iinfo(dtype).bits - 1)
+    value = (value + half) % (2 * half) - half
+  return jnp.asarray(value, dtype)
+
+
+def _input_channels_per_group(topology: Topology, keep: jax.Array) -> jax.Array:
+  """(..., L) kept input channels each output channel of a conv reads: c_in_kept / groups, 1 if depthwise."""
+  t = _tables(topology)
+  image = jnp.full(keep.shape[:-1] + (1,), topology.in_channels, keep.dtype)
+  c_in = jnp.take(jnp.concatenate([keep, image], axis=-1), t.source, axis=-1)
+  c_in = jnp.where(t.depthwise, jnp.ones_like(c_in), c_in)
+  if np.any(t.groups > 1):
+    groups = _const(t.groups, keep.dtype)
+    c_in = c_in // groups if jnp.issubdtype(keep.dtype, jnp.integer) else c_in / groups
+  return c_in
+
+
+def layer_macs(topology: Topology, keep: Any) -> jax.Array:
+  """(..., L) MACs of each conv for kept output channels `keep` (..., L), in keep's dtype."""
+  keep = _as_keep(keep)
+  return _const(_tables(topology).window, keep.dtype) * _input_channels_per_group(topology, keep) * keep
+
+
+def dense_macs(topology: Topology, keep: Any) -> jax.Array:
+  """(...,) MACs of the dense head: kept_inputs * head_out_features + the unpruned later dense layers."""
+  keep = _as_keep(keep)
+  kept_inputs = keep[..., _tables(topology).head_source]
+  return kept_inputs * topology.head_out_features + _const(topology.head_fixed_macs, keep.dtype)
+
+
+def flops(topology: Topology, keep: Any) -> jax.Array:
+  """(...,) multiply-accumulates of the pruned model for one image (the paper's "FLOPs").
+
+  keep: (..., L) kept output channels per layer, forward order. The result has keep's dtype: floats for
+  totals and reports; int32 is exact below 2^31 and wraps beyond, as integer arithmetic does.
+  """
+  return jnp.sum(layer_macs(topology, keep), axis=-1) + dense_macs(topology, keep)
+
+
+def bops(topology: Topology, keep: Any, w_bits: Any, a_bits: Any) -> jax.Array:
+  """(...,) bit-operations: sum_l MACs_l * w_bits_l * a_bits_l + dense MACs * 32 * 32, as float32.
+
+  w_bits, a_bits: (L,) (or broadcastable to keep's shape) weight / activation bits per layer.
+  """
+  keep = _as_keep(keep).astype(jnp.float32)
+  w_bits, a_bits = jnp.asarray(w_bits, jnp.float32), jnp.asarray(a_bits, jnp.float32)
+  conv = jnp.sum(layer_macs(topology, keep) * w_bits * a_bits, axis=-1)
+  return conv + dense_macs(topology, keep) * DENSE_BITS * DENSE_BITS
+
+
+@functools.lru_cache(maxsize=None)
+def _head_params(topology: Topology) -> tuple[int, int]:
+  """(parameters per kept input channel, parameters independent of pruning) of the dense head.
+
+  The first dense layer has kept_inputs * out kernel entries; its bias, its BatchNorm (VGG) and the later
+  dense layers do not depend on pruning. The topology does not list the head's biases and BatchNorms, so
+  they are read from the zoo's spec (the head does not depend on the image size; any size the stem accepts
+  gives the same head). A topology built by hand must have a single dense layer with a bias.
+  """
+  if topology.arch not in models.ARCHS:
+    if topology.head_fixed_macs:
+      raise ValueError(f'cost.params cannot count the dense layers after the first of {topology.arch!r}, which '
+                       'is not a zoo architecture; give it a single dense layer (head_fixed_macs=0).')
+    return topology.head_out_features, topology.head_out_features
+  stem = topology.layers[0]
+  spec = models.get_spec(topology.arch, topology.num_classes, stem.out_height * stem.stride,
+                         topology.in_channels)
+  fixed = 0
+  for i, dense in enumerate(spec.head):
+    fixed += dense.out_features * (3 if dense.batch_norm else 1)  # bias (+ BatchNorm scale and bias)
+    if i > 0:
+      fixed += dense.in_features * dense.out_features
+  return spec.head[0].out_features, fixed
+
+
+def params(topology: Topology, keep: Any) -> jax.Array:
+  """(...,) entries of the Flax `params` collection that survive pruning, in keep's dtype.
+
+  Per conv: kernel k * k * (c_in_kept / groups) * c_out_kept (k * k * c_out_kept if depthwise) and the
+  BatchNorm scale and bias, 2 * c_out_kept; plus the dense head (`_head_params`). BatchNorm running
+  statistics live in `batch_stats`, not `params`, and are not counted.
+  """
+  keep = _as_keep(keep)
+  t = _tables(topology)
+  kernels = _const(t.kernel_area, keep.dtype) * _input_channels_per_group(topology, keep) * keep
+  per_input, fixed = _head_params(topology)
+  head = keep[..., t.head_source] * per_input + _const(fixed, keep.dtype)
+  return jnp.sum(kernels + 2 * keep, axis=-1) + head
+
+
+def dense_keep(topology: Topology) -> np.ndarray:
+  """(L,) int32 kept channels of the unpruned model: every layer's out_channels."""
+  return topology.out_channels
+
+
+def keep_counts(topology: Topology, masks: Mapping[str, Any]) -> jax.Array:
+  """(..., L) float32 kept channels per layer from masks (layer name -> (..., out_channels) 0/1 vector).
+
+  Layers absent from `masks` are unpruned, as in `models.Net`.
+  """
+  for name in masks:
+    topology.index(name)  # raises for a name the model does not have
+  batch = next((jnp.shape(m)[:-1] for m in masks.values()), ())
+  counts = [jnp.sum(jnp.asarray(masks[l.name], jnp.float32), axis=-1) if l.name in masks
+            else jnp.full(batch, l.out_channels, jnp.float32) for l in topology.layers]
+  return jnp.stack(counts, axis=-1)
