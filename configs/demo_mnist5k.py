@@ -1,6 +1,7 @@
 """Offline demo: ResNet-20 on the bundled MNIST-5k digits, small enough for a 2-core CPU.
 
-  python train.py --config configs/demo_mnist5k.py --workdir runs/demo
+  python search.py --config configs/demo_mnist5k.py --workdir runs/demo   # the whole pipeline
+  python train.py --config configs/demo_mnist5k.py --workdir runs/demo    # the dense baseline only
 """
 from configs import common
 
@@ -15,4 +16,13 @@ def get_config():
   c.train.epochs = 8
   c.train.learning_rate = 0.05
   c.train.eval_batch_size = 250
+  # A small search: 16 candidates, 48 evaluations, 20 fine-tune steps each.
+  c.search.keep_fraction = 0.5
+  c.search.population = 16
+  c.search.tournament = 4
+  c.search.total_evaluations = 48
+  c.search.tau = 20
+  c.search.batch_size = 64
+  c.search.val_batch_size = 250
+  c.search.calibration_batches = 2
   return c

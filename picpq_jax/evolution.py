@@ -413,25 +413,35 @@ class SearchResult(NamedTuple):
   state: Any                   # the strategy's final state
 
 
-def _evaluate(fitness_fn, population: jax.Array) -> jax.Array:
-  fitness = jnp.asarray(fitness_fn(population), jnp.float32)
-  if fitness.shape != population.shape[:1]:
-    raise ValueError(f"fitness_fn must return one value per candidate, shape {population.shape[:1]}, "
-                     f"got {fitness.shape}.")
-  return fitness
+def _evaluate(fitness_fn, population: jax.Array, slice_size: int | None = None, bar=None) -> jax.Array:
+  """fitness_fn over `population`, `slice_size` candidates per call (all at once when None)."""
+  n = population.shape[0]
+  step = n if not slice_size else slice_size
+  parts = []
+  for start in range(0, n, step):
+    part = jnp.asarray(fitness_fn(population[start:start + step]), jnp.float32)
+    if part.shape != population[start:start + step].shape[:1]:
+      raise ValueError(f"fitness_fn must return one value per candidate, shape "
+                       f"{population[start:start + step].shape[:1]}, got {part.shape}.")
+    parts.append(part)
+    if bar is not None:
+      bar.update(part.shape[0])
+  return jnp.concatenate(parts)
 
 
-def _start(strategy, params, fitness_fn, key_population, key_init, num_layers, evaluate: bool = True):
+def _start(strategy, params, fitness_fn, key_population, key_init, num_layers, evaluate: bool = True,
+           slice_size: int | None = None, bar=None):
   """The evaluated start of a search: (state, population, fitness). With evaluate=False the fitness is a
   placeholder (zeros): the state then only serves as the structure a checkpoint is restored into."""
   dims = 2 * num_layers
   if is_population_based(strategy):
     population = initial_population(key_population, strategy.population_size, num_layers)
-    fitness = _evaluate(fitness_fn, population) if evaluate else jnp.zeros(population.shape[:1], jnp.float32)
+    fitness = (_evaluate(fitness_fn, population, slice_size, bar) if evaluate
+               else jnp.zeros(population.shape[:1], jnp.float32))
     state = strategy.init(key_init, population, fitness, params)
   else:
     population = jnp.zeros((1, dims), jnp.float32)
-    fitness = _evaluate(fitness_fn, population) if evaluate else jnp.zeros((1,), jnp.float32)
+    fitness = _evaluate(fitness_fn, population, None, bar) if evaluate else jnp.zeros((1,), jnp.float32)
     state = strategy.init(key_init, population[0], params)
     best_solution, best_fitness = update_best_solution_and_fitness(
         population, fitness, state.best_solution, state.best_fitness)
@@ -449,6 +459,7 @@ def run_search(
     *,
     progress: bool = False,
     checkpoint_dir: str | None = None,
+    initial_slice: int | None = None,
 ) -> SearchResult:
   """Run `strategy` for exactly `total_evaluations` fitness evaluations; returns a `SearchResult`.
 
@@ -466,6 +477,9 @@ def run_search(
   and after every round, and resume from the latest save when one exists there. Everything random is
   derived from `key` and the saved loop key, so a killed and resumed search ends exactly where an
   uninterrupted one does (given a deterministic fitness_fn).
+  initial_slice: evaluate the initial population this many candidates per fitness_fn call (default: all
+  at once), so that the progress bar moves and memory stays bounded.
+  progress: a tqdm bar of evaluations done, best-ever fitness and candidates per second.
   """
   dims = 2 * num_layers
   if strategy.num_dims != dims:
@@ -491,6 +505,10 @@ def run_search(
     return {"state": state, "key_loop": jax.random.key_data(key_loop), "evaluated": np.asarray(evaluated, np.int32),
             "history_population": history_population, "history_fitness": history_fitness}
 
+  bar = None
+  if progress:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=total_evaluations, desc="search", unit="cand")
   if mngr is not None and checkpoints.latest_step(mngr) is not None:
     template_state, _, _ = _start(strategy, params, fitness_fn, key_population, key_init, num_layers,
                                   evaluate=False)
@@ -503,7 +521,8 @@ def run_search(
     history_population = np.array(saved["history_population"])
     history_fitness = np.array(saved["history_fitness"])
   else:
-    state, population, fitness = _start(strategy, params, fitness_fn, key_population, key_init, num_layers)
+    state, population, fitness = _start(strategy, params, fitness_fn, key_population, key_init, num_layers,
+                                        slice_size=initial_slice, bar=bar)
     evaluated = population.shape[0]
     history_population = np.full((total_evaluations, dims), np.nan, np.float32)
     history_fitness = np.full((total_evaluations,), np.nan, np.float32)
@@ -514,10 +533,8 @@ def run_search(
                                                    history_fitness), meta)
 
   batch = generation_size(strategy)
-  bar = None
-  if progress:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=total_evaluations, initial=evaluated, desc="search", unit="cand")
+  if bar is not None:
+    bar.n = evaluated
     bar.set_postfix(best=float(state.best_fitness))
   while evaluated < total_evaluations:
     key_loop, key_ask, key_tell = jax.random.split(key_loop, 3)

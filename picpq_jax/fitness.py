@@ -1,22 +1,25 @@
 """Fitness of search candidates: prune by (a, b), fine-tune tau SGD steps, validation cross-entropy.
 
-For a batch of K candidates one jitted function computes, per candidate (METHOD.md, "Search"):
+For every candidate (METHOD.md, "Search"):
   (a, b) -> masks (pruning.prune_masks to the FLOPs target)
          -> tau SGD steps from the baseline weights with those masks (BatchNorm in training mode, the SAME
             training batches for every candidate)
          -> mean validation cross-entropy (eval mode).
 A candidate whose target is unreachable, or whose loss is not finite, gets NaN (evosax: failed).
 
-Layout of the work: the K candidates are sharded over all devices along the candidate axis (shard_map);
-each device walks its candidates in chunks of `chunk_size` (lax.map, so memory stays bounded by one chunk);
-within a chunk the candidates run either vmapped ('vmap': one batched computation, the point on GPU/TPU) or
-one after another inside the same compiled function ('map'). On XLA CPU each candidate's own weights turn a
-vmapped conv into a grouped conv, which is slow (measured 2.3x the sequential cost for 4 ResNet-20
-candidates), so 'auto' picks 'map' on CPU and 'vmap' elsewhere.
+Candidates are sharded over all devices along the candidate axis (shard_map) and evaluated in groups of
+devices x `chunk_size`, so memory stays bounded by one group. Three ways to run a group (`search.eval_mode`):
+  'vmap'  one compiled function per group: prune, lax.scan over the tau steps, lax.scan over validation,
+          vmapped over the chunk's candidates. The point on GPU/TPU: the whole group is one batched program.
+  'map'   the same compiled function, but the chunk's candidates run one after another (lax.map).
+  'host'  the tau steps are a Python loop over one compiled (vmapped) step; no loop inside the program.
+'auto' is 'host' on CPU and 'vmap' elsewhere, because XLA CPU (jaxlib 0.10.2) runs conv training steps inside
+a while loop (lax.scan / fori_loop / lax.map) about 25-50x slower than the same step called from Python
+(bench/bench_fitness.py measures it), and because a vmapped conv with per-candidate weights is a grouped
+conv, slow there too (2.3x the sequential cost for 4 ResNet-20 candidates).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -26,11 +29,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from picpq_jax import bits as bits_lib
 from picpq_jax import pruning, training
 from picpq_jax.topology import Topology
 
-EVAL_MODES = ('auto', 'vmap', 'map')
+EVAL_MODES = ('auto', 'vmap', 'map', 'host')
 
 
 def resolve_eval_mode(mode: str, backend: Optional[str] = None) -> str:
@@ -38,7 +40,7 @@ def resolve_eval_mode(mode: str, backend: Optional[str] = None) -> str:
     raise ValueError(f'search.eval_mode={mode!r} is not a mode; choose one of {list(EVAL_MODES)}.')
   if mode != 'auto':
     return mode
-  return 'map' if (backend or jax.default_backend()) == 'cpu' else 'vmap'
+  return 'host' if (backend or jax.default_backend()) == 'cpu' else 'vmap'
 
 
 def search_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -46,72 +48,77 @@ def search_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransforma
   return training.make_optimizer(cfg, optax.constant_schedule(cfg.learning_rate))
 
 
-def make_candidate_fn(model, topology: Topology, fp_padded: np.ndarray, cfg: ml_collections.ConfigDict,
-                      b_max: Optional[np.ndarray] = None) -> Callable:
-  """(a (L,), b (L,), variables, train_batches, val_batches) -> {'loss', 'flops', 'reached'} (scalars).
+class CandidateFns:
+  """The per-candidate pieces, each a pure function of one candidate (vmap / shard_map them freely).
 
-  train_batches: {'image': (tau, B, H, W, C), 'label': (tau, B)}; val_batches the same with V batches.
-  With cfg.quantize the fine-tune and the validation run with the bits that bits.py assigns to the
-  candidate's masks (quantization inside the search; the original does not do this).
+  prune(a, b) -> (masks, info); start(variables) -> TrainState; step(state, batch, masks) -> state;
+  validate(state, val_batch, masks) -> {'loss','correct','count'} sums; result(total, info) -> outputs.
   """
-  tx = search_optimizer(cfg)
-  train_step = training.make_train_step(model, tx)
-  eval_step = training.make_eval_step(model)
 
-  def candidate(a, b, variables, train_batches, val_batches):
-    masks, info = pruning.prune_masks(topology, fp_padded, a, b, cfg.keep_fraction, cfg.safeguard,
-                                      cfg.check_every)
-    bits = None
-    if cfg.quantize:
-      bits = bits_lib.bits_tree(bits_lib.assign_bits_jax(topology, variables['params'], masks, b_max,
-                                                         cfg.bit_penalty, cfg.min_bits))
+  def __init__(self, model, topology: Topology, fp_padded: np.ndarray, cfg: ml_collections.ConfigDict):
+    self.cfg = cfg
+    self.tx = search_optimizer(cfg)
+    self._train_step = training.make_train_step(model, self.tx)
+    self._eval_step = training.make_eval_step(model)
+    self._topology, self._fp = topology, fp_padded
+
+  def prune(self, a, b):
+    c = self.cfg
+    return pruning.prune_masks(self._topology, self._fp, a, b, c.keep_fraction, c.safeguard, c.check_every)
+
+  def start(self, variables) -> training.TrainState:
     params = variables['params']
-    state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                batch_stats=variables['batch_stats'], opt_state=tx.init(params))
+    return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               batch_stats=variables['batch_stats'], opt_state=self.tx.init(params))
 
-    def fine_tune(state, batch):
-      state, _ = train_step(state, batch, masks, bits)
-      return state, None
+  def step(self, state, batch, masks):
+    return self._train_step(state, batch, masks)[0]
 
-    state, _ = jax.lax.scan(fine_tune, state, train_batches)
+  def validate(self, state, batch, masks):
+    return self._eval_step(state.variables, batch, masks)
 
-    def validate(total, batch):
-      out = eval_step(state.variables, batch, masks, bits)
-      return jax.tree.map(jnp.add, total, out), None
-
-    zeros = {'loss': jnp.zeros(()), 'correct': jnp.zeros(()), 'count': jnp.zeros(())}
-    total, _ = jax.lax.scan(validate, zeros, val_batches)
+  @staticmethod
+  def result(total, info):
     loss = total['loss'] / total['count']
     ok = info['reached'] & jnp.isfinite(loss)
     return {'loss': jnp.where(ok, loss, jnp.nan), 'flops': info['flops'].astype(jnp.float32),
             'reached': info['reached']}
 
-  return candidate
+  def whole(self, a, b, variables, train_batches, val_batches):
+    """One candidate end to end in one program: (a (L,), b (L,)) -> outputs (scalars)."""
+    masks, info = self.prune(a, b)
+    state = jax.lax.scan(lambda s, batch: (self.step(s, batch, masks), None), self.start(variables),
+                         train_batches)[0]
+    total = jax.lax.scan(lambda t, batch: (jax.tree.map(jnp.add, t, self.validate(state, batch, masks)), None),
+                         _zero_totals(), val_batches)[0]
+    return self.result(total, info)
 
 
-def make_population_fitness(candidate_fn: Callable, mesh: Mesh, chunk_size: int, mode: str) -> Callable:
-  """Jitted (a (K, L), b (K, L), variables, train_batches, val_batches) -> {'loss','flops','reached'} (K,).
+def _zero_totals():
+  return {'loss': jnp.zeros(()), 'correct': jnp.zeros(()), 'count': jnp.zeros(())}
 
-  K must be a multiple of mesh.size * chunk_size (`pad_population` makes it so). Candidates are sharded
-  over the mesh's 'data' axis; everything else is replicated.
-  """
-  mode = resolve_eval_mode(mode)
 
-  def chunk(a, b, *rest):  # (C, L) each
-    if mode == 'vmap':
-      return jax.vmap(candidate_fn, in_axes=(0, 0, None, None, None))(a, b, *rest)
-    return jax.lax.map(lambda ab: candidate_fn(ab[0], ab[1], *rest), (a, b))
+def _over_chunk(fn: Callable, mode: str, in_axes) -> Callable:
+  """Apply a per-candidate fn to a chunk of candidates: vmapped, or one after another (lax.map)."""
+  if mode in ('vmap', 'host'):
+    return jax.vmap(fn, in_axes=in_axes)
 
-  def local(a, b, *rest):  # this device's (K / devices, L) candidates, walked in chunks
-    k, num_layers = a.shape
-    a = a.reshape(k // chunk_size, chunk_size, num_layers)
-    b = b.reshape(k // chunk_size, chunk_size, num_layers)
-    out = jax.lax.map(lambda ab: chunk(ab[0], ab[1], *rest), (a, b))
-    return jax.tree.map(lambda x: x.reshape(k, *x.shape[2:]), out)
+  def mapped(*args):
+    mapped_args = [x for x, ax in zip(args, in_axes) if ax == 0]
+    fixed = [x for x, ax in zip(args, in_axes) if ax is None]
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P('data'), P('data'), P(), P(), P()),
-                          out_specs=P('data'), check_vma=False)
-  return jax.jit(sharded)
+    def one(xs):
+      it_m, it_f = iter(xs), iter(fixed)
+      return fn(*[next(it_m) if ax == 0 else next(it_f) for ax in in_axes])
+
+    return jax.lax.map(one, mapped_args)
+  return mapped
+
+
+def _sharded(fn: Callable, mesh: Mesh, in_axes) -> Callable:
+  """jit(shard_map(fn)): arguments with in_axes 0 are split over the devices, the others replicated."""
+  specs = tuple(P('data') if ax == 0 else P() for ax in in_axes)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P('data'), check_vma=False))
 
 
 def pad_population(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -122,20 +129,59 @@ def pad_population(x: np.ndarray, multiple: int) -> np.ndarray:
 
 
 class PopulationFitness:
-  """Evaluates encoded or (a, b) candidates of any count K: pads K, calls the compiled function, unpads."""
+  """fitness(a (K, L), b (K, L)) -> {'loss', 'flops', 'reached'}, each (K,), for any K.
 
-  def __init__(self, candidate_fn: Callable, variables: Mapping[str, Any], train_batches, val_batches,
+  Candidates go through in groups of mesh.size * chunk_size (the last group padded); `on_group(n)` is
+  called after each group with the number of real candidates it held (progress bars).
+  """
+
+  def __init__(self, fns: CandidateFns, variables: Mapping[str, Any], train_batches, val_batches,
                chunk_size: int = 1, mode: str = 'auto', mesh: Optional[Mesh] = None):
     self.mesh = mesh or training.data_mesh()
     self.chunk_size = max(1, int(chunk_size))
-    self._fn = make_population_fitness(candidate_fn, self.mesh, self.chunk_size, mode)
-    self._args = (training.replicate(variables, self.mesh), training.replicate(train_batches, self.mesh),
-                  training.replicate(val_batches, self.mesh))
+    self.mode = resolve_eval_mode(mode)
+    self.group = self.mesh.size * self.chunk_size
+    rep = lambda tree: training.replicate(tree, self.mesh)  # noqa: E731
+    self._variables, self._train, self._val = rep(variables), rep(train_batches), rep(val_batches)
+    self._num_steps = int(jax.tree.leaves(train_batches)[0].shape[0])
+    self._num_val = int(jax.tree.leaves(val_batches)[0].shape[0])
+    self.fns = fns
+    if self.mode in ('vmap', 'map'):
+      self._whole = _sharded(_over_chunk(fns.whole, self.mode, (0, 0, None, None, None)), self.mesh,
+                             (0, 0, None, None, None))
+    else:
+      self._prune = _sharded(_over_chunk(fns.prune, 'vmap', (0, 0)), self.mesh, (0, 0))
+      self._start = _sharded(lambda masks, v: jax.vmap(lambda m: fns.start(v))(
+          jax.tree.leaves(masks)[0]), self.mesh, (0, None))
+      self._step = _sharded(_over_chunk(fns.step, 'vmap', (0, None, 0)), self.mesh, (0, None, 0))
+      self._validate = _sharded(_over_chunk(fns.validate, 'vmap', (0, None, 0)), self.mesh, (0, None, 0))
+      self._result = _sharded(_over_chunk(fns.result, 'vmap', (0, 0)), self.mesh, (0, 0))
 
-  def __call__(self, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+  def _host_group(self, a, b):
+    """One group with the tau steps as a Python loop over one compiled step (no loop in the program)."""
+    masks, info = self._prune(a, b)
+    state = self._start(masks, self._variables)
+    for i in range(self._num_steps):
+      batch = jax.tree.map(lambda x: x[i], self._train)
+      state = self._step(state, batch, masks)
+    total = None
+    for i in range(self._num_val):
+      out = self._validate(state, jax.tree.map(lambda x: x[i], self._val), masks)
+      total = out if total is None else jax.tree.map(jnp.add, total, out)
+    return self._result(total, info)
+
+  def __call__(self, a: np.ndarray, b: np.ndarray, on_group: Optional[Callable[[int], None]] = None):
     k = a.shape[0]
-    multiple = self.mesh.size * self.chunk_size
-    a_p, b_p = pad_population(np.asarray(a, np.float32), multiple), pad_population(np.asarray(b, np.float32),
-                                                                                   multiple)
-    out = self._fn(a_p, b_p, *self._args)
-    return {key: np.asarray(v)[:k] for key, v in jax.device_get(out).items()}
+    a_p = pad_population(np.asarray(a, np.float32), self.group)
+    b_p = pad_population(np.asarray(b, np.float32), self.group)
+    outs = []
+    for start in range(0, a_p.shape[0], self.group):
+      ga, gb = a_p[start:start + self.group], b_p[start:start + self.group]
+      if self.mode == 'host':
+        out = self._host_group(ga, gb)
+      else:
+        out = self._whole(ga, gb, self._variables, self._train, self._val)
+      outs.append(jax.device_get(out))
+      if on_group is not None:
+        on_group(min(self.group, k - start))
+    return {key: np.concatenate([o[key] for o in outs])[:k] for key in outs[0]}

@@ -72,9 +72,9 @@ def check_search_config(config: ml_collections.ConfigDict, topo) -> None:
   """Settings the search cannot run with, reported before any work starts."""
   from picpq_jax import criteria, evolution, fitness, pruning  # pylint: disable=g-import-not-at-top
   s = config.search
-  if s.criterion not in criteria.KINDS:
+  if s.criterion not in criteria.PROPERTIES:
     raise ValueError(f'search.criterion={s.criterion!r} is not a filter property; choose one of '
-                     f'{list(criteria.KINDS)}.')
+                     f'{list(criteria.PROPERTIES)}.')
   if s.tau < 0:
     raise ValueError(f'search.tau={s.tau} must be >= 0 (SGD steps of the fine-tune inside the fitness).')
   fitness.resolve_eval_mode(s.eval_mode)
@@ -108,3 +108,112 @@ def compute_filter_properties(config, workdir: str, model, topo, variables) -> d
   np.savez(tmp, **fp)
   os.replace(tmp, path)
   return fp
+
+
+def search_batches(config, info) -> tuple[dict, dict]:
+  """The fitness's data: tau augmented training batches (the same for every candidate) and the
+  validation batches."""
+  s = config.search
+  shape = (info.image_size, info.image_size, info.in_channels)
+  if s.tau > 0:
+    train = data.fixed_batches(config.data, 'train', s.batch_size, s.tau, seed=config.seed, train=True)
+  else:
+    train = {'image': np.zeros((0, s.batch_size, *shape), np.float32),
+             'label': np.zeros((0, s.batch_size), np.int32)}
+  num_val = config.data.val_size // s.val_batch_size
+  val = data.fixed_batches(config.data, 'validation', s.val_batch_size, num_val, seed=config.seed, train=False)
+  return train, val
+
+
+def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
+  """Stage 3: the evolutionary search over (a, b); checkpointed every round under <workdir>/search.
+
+  Writes <workdir>/search.json (best candidate, decoded) and search_history.npz (every candidate's a, b,
+  loss, FLOPs), and the plot search_loss.png. Returns the search.json content.
+  """
+  from picpq_jax import criteria, evolution, fitness, pruning, report  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'search.json')
+  if os.path.exists(path):
+    return metrics.read_json(path)
+  s = config.search
+  info = data.dataset_info(config.data)
+  fp_padded = pruning.pad_filter_properties(topo, fp)
+  std = criteria.fp_std(fp, topo.names)
+  train, val = search_batches(config, info)
+  fns = fitness.CandidateFns(model, topo, fp_padded, s)
+  evaluate = fitness.PopulationFitness(fns, variables, train, val, s.chunk_size, s.eval_mode)
+
+  def fitness_fn(x):
+    a, b = evolution.decode(x, std)
+    return evaluate(np.asarray(a), np.asarray(b))['loss']
+
+  strategy, params = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
+                                             s.total_evaluations, tournament_size=s.tournament)
+  t0 = time.time()
+  result = evolution.run_search(strategy, params, fitness_fn, jax.random.key(config.seed), topo.num_layers,
+                                s.total_evaluations, progress=True,
+                                checkpoint_dir=os.path.join(workdir, SEARCH), initial_slice=evaluate.group)
+  wall = time.time() - t0
+  a_hist, b_hist = (np.asarray(v) for v in evolution.decode(result.history_population, std))
+  _, hist_info = pruning.prune_masks_batched(topo, fp_padded, a_hist, b_hist, s.keep_fraction, s.safeguard,
+                                             s.check_every)
+  loss = np.asarray(result.history_fitness)
+  tmp = os.path.join(workdir, 'search_history.tmp.npz')
+  np.savez(tmp, a=a_hist, b=b_hist, loss=loss, flops=np.asarray(hist_info['flops']),
+           reached=np.asarray(hist_info['reached']))
+  os.replace(tmp, os.path.join(workdir, 'search_history.npz'))
+  report.plot_search(loss, os.path.join(workdir, 'search_loss.png'),
+                     f'{config.model.arch} on {config.data.name}: {s.strategy}')
+  best_a, best_b = (np.asarray(v).tolist() for v in evolution.decode(result.best_solution, std))
+  summary = {'arch': config.model.arch, 'strategy': s.strategy, 'evaluations': int(len(loss)),
+             'best_loss': float(result.best_fitness), 'a': best_a, 'b': best_b,
+             'failed_candidates': int(np.sum(~np.isfinite(loss))), 'wall_time_s': wall,
+             'candidates_per_s': len(loss) / max(wall, 1e-9)}
+  metrics.write_json(path, summary)
+  return summary
+
+
+def derive_policy(config, workdir: str, topo, variables, fp, found: dict) -> dict:
+  """Stages 4-5: masks of the best (a, b) by global ranking, then bits from the surviving magnitude.
+
+  Writes <workdir>/policy.json (layer name -> kept channel indices and bits, for people and programs).
+  """
+  from picpq_jax import bits as bits_lib, pruning, report  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, POLICY)
+  if os.path.exists(path):
+    return metrics.read_json(path)
+  s = config.search
+  masks, info = pruning.global_prune(topo, fp, np.asarray(found['a']), np.asarray(found['b']),
+                                     s.keep_fraction, s.safeguard, s.check_every)
+  masks = {k: np.asarray(v) for k, v in masks.items()}
+  bits = bits_lib.assign_bits(topo, variables['params'], masks, None, s.bit_penalty, s.min_bits)
+  policy = {
+      'arch': config.model.arch, 'dataset': config.data.name, 'keep_fraction': s.keep_fraction,
+      'masks': {k: v.astype(int).tolist() for k, v in masks.items()},
+      'bits': bits,
+      'summary': report.compression_summary(topo, masks, bits),
+  }
+  metrics.write_json(path, policy)
+  return policy
+
+
+def policy_arrays(policy: dict) -> tuple[dict, dict]:
+  """(masks, bits) of a policy.json as the model's arguments (float masks; int bits per layer)."""
+  masks = {k: np.asarray(v, np.float32) for k, v in policy['masks'].items()}
+  return masks, {k: int(v) for k, v in policy['bits'].items()}
+
+
+def compress(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The whole pipeline: baseline -> filter properties -> search -> masks + bits (-> fine-tuning)."""
+  from picpq_jax import report, topology  # pylint: disable=g-import-not-at-top
+  model, info = build_model(config)
+  topo = topology.get_topology(config.model.arch, info.num_classes, info.image_size, info.in_channels)
+  check_search_config(config, topo)
+  baseline = train_baseline(config, workdir)
+  variables = load_baseline(config, workdir)
+  fp = compute_filter_properties(config, workdir, model, topo, variables)
+  found = run_search(config, workdir, model, topo, variables, fp)
+  policy = derive_policy(config, workdir, topo, variables, fp, found)
+  masks, bits = policy_arrays(policy)
+  table = report.policy_table(topo, masks, bits)
+  return {'baseline': baseline, 'search': found, 'policy': policy, 'table': table}

@@ -1,0 +1,36 @@
+"""Run the PIC-PQ compression pipeline: `python search.py --config configs/<name>.py --workdir DIR`.
+
+Stages (each saved in the workdir; running the same command again resumes where it stopped): train or load
+the dense baseline, filter properties, the evolutionary (a, b) search, the final masks and bits.
+
+--config: an ml_collections config file (configs/); override any entry, e.g. --config.search.population=32
+--workdir: where every stage's results, checkpoints, metrics and plots go.
+"""
+from picpq_jax import xla_setup
+
+xla_setup.configure_cpu()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from picpq_jax import cli  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for every stage\'s results, checkpoints and plots.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+@cli.report_user_errors
+def main(argv):
+  del argv
+  config = FLAGS.config
+  cli.check_config(config)
+  from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
+  result = pipeline.compress(config, FLAGS.workdir)
+  print(result['table'])
+  print(f'results in {FLAGS.workdir}: policy.json, search.json, search_history.npz, search_loss.png')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
