@@ -1,7 +1,9 @@
 """Run the PIC-PQ compression pipeline: `python search.py --config configs/<name>.py --workdir DIR`.
 
 Stages (each saved in the workdir; running the same command again resumes where it stopped): train or load
-the dense baseline, filter properties, the evolutionary (a, b) search, the final masks and bits.
+the dense baseline, filter properties, the evolutionary (a, b) search, the final masks and bits, the
+fine-tuning stages (full precision, activations quantized, weights and activations quantized; skip them with
+--config.finetune.enabled=False), and the report (summary.md, summary.json, plots).
 
 --config: an ml_collections config file (configs/); override any entry, e.g. --config.search.population=32
 --workdir: where every stage's results, checkpoints, metrics and plots go.
@@ -29,7 +31,13 @@ def main(argv):
   from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
   result = pipeline.compress(config, FLAGS.workdir)
   print(result['table'])
-  print(f'results in {FLAGS.workdir}: policy.json, search.json, search_history.npz, search_loss.png')
+  s = result['summary']
+  if s['compressed_test_accuracy'] is not None:
+    print(f'test accuracy: baseline {100 * s["baseline_test_accuracy"]:.2f} %, compressed '
+          f'{100 * s["compressed_test_accuracy"]:.2f} % (drop {100 * s["accuracy_drop"]:.2f} points) at '
+          f'{s["bops_compression"]:.2f}x fewer BOPs')
+  print(f'results in {FLAGS.workdir}: summary.md, summary.json, policy.json, search_history.npz, '
+        'search_loss.png, layers.png')
 
 
 if __name__ == '__main__':

@@ -62,5 +62,25 @@ def add_search_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.search.quantize = False  # fine-tune inside the fitness with the assigned bits (the original does not)
   c.search.bit_penalty = 1 / 6  # lambda of bits = B_max - ceil(lambda / s)
   c.search.min_bits = 2
+  return add_finetune_config(c)
 
+
+def add_finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fine-tuning of the found policy: full precision with masks, then activations quantized, then weights
+  and activations; each stage starts from the previous stage's best validation checkpoint. The original:
+  400 epochs each, SGD Nesterov lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, lr x0.2 at 30/60/80 %."""
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.enabled = True  # search.py runs the stages after the search
+  c.finetune.fp_epochs = 400
+  c.finetune.act_epochs = 400
+  c.finetune.weight_act_epochs = 400
+  c.finetune.batch_size = 128
+  c.finetune.eval_batch_size = c.train.get_ref('eval_batch_size')
+  c.finetune.learning_rate = 0.01
+  c.finetune.momentum = 0.9
+  c.finetune.nesterov = True
+  c.finetune.weight_decay = 5e-4
+  c.finetune.schedule = 'step'
+  c.finetune.step_fractions = (0.3, 0.6, 0.8)
+  c.finetune.step_factor = 0.2
   return c

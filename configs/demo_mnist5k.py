@@ -25,4 +25,7 @@ def get_config():
   c.search.batch_size = 64
   c.search.val_batch_size = 250
   c.search.calibration_batches = 2
+  c.finetune.fp_epochs = 3
+  c.finetune.act_epochs = 2
+  c.finetune.weight_act_epochs = 3
   return c

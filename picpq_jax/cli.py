@@ -52,5 +52,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.name not in data.DATASETS:
     raise ValueError(f'data.name={config.data.name!r} is not a dataset; choose one of {list(data.DATASETS)}.')
   training.check_batch_size(config.train.batch_size)
+  if 'finetune' in config:
+    training.check_batch_size(config.finetune.batch_size, 'finetune.batch_size')
   if config.train.epochs < 0:
     raise ValueError(f'train.epochs={config.train.epochs} must be >= 0.')

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import jax
 import ml_collections
@@ -216,4 +217,69 @@ def compress(config: ml_collections.ConfigDict, workdir: str) -> dict:
   policy = derive_policy(config, workdir, topo, variables, fp, found)
   masks, bits = policy_arrays(policy)
   table = report.policy_table(topo, masks, bits)
-  return {'baseline': baseline, 'search': found, 'policy': policy, 'table': table}
+  tuned = finetune(config, workdir, model, topo, policy) if config.finetune.enabled else None
+  summary = report.run_summary(workdir, topo, baseline, policy, found, tuned)
+  report.write_run_report(workdir, summary)
+  return {'baseline': baseline, 'search': found, 'policy': policy, 'finetune': tuned, 'table': table,
+          'summary': summary}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fine-tuning the found policy
+# ----------------------------------------------------------------------------------------------------------
+
+# (stage name, epochs key in config.finetune, which of the layer's bits apply: weights, activations)
+FINETUNE_STAGES = (('finetune_fp', 'fp_epochs', False, False),
+                   ('finetune_act', 'act_epochs', False, True),
+                   ('finetune_weight_act', 'weight_act_epochs', True, True))
+FINETUNE = 'finetune.json'
+
+
+def stage_bits(bits: dict, weights: bool, activations: bool) -> Optional[dict]:
+  """The model's `bits` argument for a stage: each layer's bits on weights and/or activations, else 32."""
+  from picpq_jax import bits as bits_lib  # pylint: disable=g-import-not-at-top
+  if not (weights or activations):
+    return None
+  return bits_lib.bits_tree({n: (b if weights else 32, b if activations else 32) for n, b in bits.items()})
+
+
+def stage_train_config(config, epochs: int) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(config.finetune.to_dict())
+  cfg.epochs = epochs
+  return cfg
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str, model, topo, policy: dict) -> dict:
+  """Stages 6-7: fine-tune the pruned model, then QAT with activations, then weights and activations.
+
+  Each stage starts from the best validation checkpoint of the previous one (the baseline for the first),
+  is resumable, and keeps the pruned weights at exactly 0. Writes <workdir>/finetune.json (per stage:
+  validation accuracy, best epoch, wall time; final test accuracy, measured once).
+  """
+  from picpq_jax import pruning  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, FINETUNE)
+  if os.path.exists(path):
+    return metrics.read_json(path)
+  masks, bits = policy_arrays(policy)
+  variables = load_baseline(config, workdir)
+  variables = {'params': pruning.zero_pruned_weights(topo, variables['params'], masks),
+               'batch_stats': variables['batch_stats']}
+  stages = {}
+  for name, epochs_key, on_weights, on_acts in FINETUNE_STAGES:
+    epochs = config.finetune[epochs_key]
+    if epochs <= 0:
+      continue
+    result = training.fit(config, workdir, model, stage=name, init_variables=variables, masks=masks,
+                          bits=stage_bits(bits, on_weights, on_acts), train_cfg=stage_train_config(config, epochs),
+                          select_best=True)
+    variables = training.load_variables(workdir, name, config, best=True)
+    stages[name] = {'epochs': epochs, 'best_val_accuracy': result['best']['accuracy'],
+                    'best_epoch': result['best']['epoch'] + 1, 'wall_time_s': result['wall_time_s']}
+  final_bits = stage_bits(bits, True, True)
+  summary = {
+      'stages': stages,
+      'validation': evaluate_split(config, model, variables, 'validation', masks, final_bits),
+      'test': evaluate_split(config, model, variables, 'test', masks, final_bits),
+  }
+  metrics.write_json(path, summary)
+  return summary

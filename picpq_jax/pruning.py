@@ -337,3 +337,27 @@ def global_prune(topology: Topology, fp: FilterProperties, a: Any, b: Any, keep_
         f'the most it can prune leaves {100 * fraction:.2f}% of FLOPs; raise keep_fraction to at least '
         f'{math.floor(fraction * 1000 + 1) / 1000} or lower the safeguard.')
   return masks, info
+
+
+def zero_pruned_weights(topology: Topology, params: Mapping[str, Any], masks: Mapping[str, Any]) -> dict:
+  """params with every weight of a pruned channel set to 0: kernel slices of removed output filters and of
+  removed input channels (the source layer's mask), and the removed filters' BatchNorm scale and bias.
+
+  Masking already zeroes these channels' outputs; zeroing the weights too means a fine-tune keeps them
+  exactly 0 (their gradients are 0, and so is the weight decay of a 0 weight), the weight quantizer's
+  max|tanh(W)| sees only live weights, and the export's slicing loses nothing.
+  """
+  params = dict(params)
+  for layer in topology.layers:
+    if layer.name not in masks and (layer.source is None or layer.source not in masks):
+      continue
+    out_keep = jnp.asarray(masks.get(layer.name, np.ones(layer.out_channels)), jnp.float32)
+    unit = dict(params[layer.name])
+    kernel = unit['kernel'] * out_keep
+    if layer.source is not None and layer.source in masks and not layer.depthwise:
+      in_keep = jnp.asarray(masks[layer.source], jnp.float32)
+      kernel = kernel * in_keep[:, None]
+    unit['kernel'] = kernel
+    unit['bn'] = {k: v * out_keep for k, v in unit['bn'].items()}
+    params[layer.name] = unit
+  return params

@@ -72,3 +72,115 @@ def plot_search(history_loss: np.ndarray, path: str, title: str = '') -> None:
   fig.savefig(tmp, dpi=120)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _save(fig, path: str) -> None:
+  tmp = path + '.tmp.png'
+  fig.tight_layout()
+  fig.savefig(tmp, dpi=120)
+  _plt().close(fig)
+  os.replace(tmp, path)
+
+
+def plot_layers(rows: list[dict], path: str, title: str = '') -> None:
+  """Per-layer bars: kept / total channels (top) and bits (bottom)."""
+  plt = _plt()
+  x = np.arange(len(rows))
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.22 * len(rows)), 5), sharex=True)
+  top.bar(x, [r['channels'] for r in rows], color='0.85', label='channels')
+  top.bar(x, [r['kept'] for r in rows], color='C0', label='kept')
+  top.set_ylabel('output channels')
+  top.legend()
+  top.set_title(title or 'compression policy')
+  bottom.bar(x, [r['bits'] for r in rows], color='C2')
+  bottom.set_ylabel('bits (weights = activations)')
+  bottom.set_xticks(x, [r['layer'] for r in rows], rotation=90, fontsize=6)
+  _save(fig, path)
+
+
+def run_summary(workdir: str, topo: Topology, baseline: dict, policy: dict, found: dict,
+                tuned: Optional[dict]) -> dict:
+  """The numbers of one run (what the field reports), as a dict; `write_run_report` saves it."""
+  from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
+  masks, bits = pipeline.policy_arrays(policy)
+  s = compression_summary(topo, masks, bits)
+  out = {
+      'arch': policy['arch'], 'dataset': policy['dataset'], 'workdir': os.path.abspath(workdir),
+      'baseline_test_accuracy': baseline['test']['accuracy'],
+      'compressed_test_accuracy': tuned['test']['accuracy'] if tuned else None,
+      **s,
+      'layers': layer_rows(topo, masks, bits),
+      'wall_time_s': {'baseline': baseline.get('wall_time_s'), 'search': found.get('wall_time_s'),
+                      **({k: v['wall_time_s'] for k, v in tuned['stages'].items()} if tuned else {})},
+      'search_best_loss': found.get('best_loss'), 'search_evaluations': found.get('evaluations'),
+  }
+  if tuned:
+    out['accuracy_drop'] = out['baseline_test_accuracy'] - out['compressed_test_accuracy']
+  return out
+
+
+def markdown(summary: dict) -> str:
+  s = summary
+  acc = lambda v: '-' if v is None else f'{100 * v:.2f} %'  # noqa: E731
+  lines = [
+      f'# {s["arch"]} on {s["dataset"]}', '',
+      '| | dense FP32 | compressed | ratio |', '|---|---|---|---|',
+      f'| test accuracy | {acc(s["baseline_test_accuracy"])} | {acc(s["compressed_test_accuracy"])} | '
+      f'drop {acc(s.get("accuracy_drop"))} |',
+      f'| FLOPs (MACs) | {s["flops_dense"] / 1e6:.2f} M | {s["flops"] / 1e6:.2f} M | '
+      f'{s["flops_dense"] / s["flops"]:.2f}x |',
+      f'| params | {s["params_dense"] / 1e6:.3f} M | {s["params"] / 1e6:.3f} M | '
+      f'{s["params_dense"] / s["params"]:.2f}x |',
+      f'| BOPs | {s["bops_dense"] / 1e9:.2f} G | {s["bops"] / 1e9:.3f} G | {s["bops_compression"]:.2f}x |',
+      '', '| layer | kept | bits | chain |', '|---|---|---|---|',
+  ]
+  lines += [f'| {r["layer"]} | {r["kept"]}/{r["channels"]} | {r["bits"]} | {r["chain"]} |' for r in s['layers']]
+  lines += ['', '| stage | wall time (s) |', '|---|---|']
+  lines += [f'| {k} | {v:.0f} |' for k, v in s['wall_time_s'].items() if v is not None]
+  return '\n'.join(lines) + '\n'
+
+
+def write_run_report(workdir: str, summary: dict) -> None:
+  """summary.json, summary.md and layers.png in the run directory."""
+  from picpq_jax import metrics  # pylint: disable=g-import-not-at-top
+  metrics.write_json(os.path.join(workdir, 'summary.json'), summary)
+  tmp = os.path.join(workdir, 'summary.md.tmp')
+  with open(tmp, 'w') as f:
+    f.write(markdown(summary))
+  os.replace(tmp, os.path.join(workdir, 'summary.md'))
+  plot_layers(summary['layers'], os.path.join(workdir, 'layers.png'), f'{summary["arch"]} on {summary["dataset"]}')
+
+
+def plot_tradeoff(runs_dir: str, path: Optional[str] = None) -> list[dict]:
+  """Accuracy against BOPs compression for every run (a summary.json) under `runs_dir`, with each
+  architecture's dense baseline at 1x; returns the points plotted."""
+  import json  # pylint: disable=g-import-not-at-top
+  points = []
+  for root, _, files in os.walk(runs_dir):
+    if 'summary.json' in files:
+      with open(os.path.join(root, 'summary.json')) as f:
+        points.append(json.load(f))
+  if not points:
+    raise ValueError(f'no run under {runs_dir} has a summary.json; run search.py with a --workdir there first.')
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, arch in enumerate(sorted({p['arch'] + ' / ' + p['dataset'] for p in points})):
+    runs = [p for p in points if p['arch'] + ' / ' + p['dataset'] == arch]
+    ax.scatter([1.0] * len(runs), [100 * p['baseline_test_accuracy'] for p in runs], marker='x', color=f'C{i}')
+    tuned = [p for p in runs if p.get('compressed_test_accuracy') is not None]
+    ax.scatter([p['bops_compression'] for p in tuned], [100 * p['compressed_test_accuracy'] for p in tuned],
+               color=f'C{i}', label=arch)
+  ax.set_xscale('log')
+  ax.set_xlabel('BOPs compression against dense FP32 (x)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title('accuracy against compression (x: dense baselines)')
+  ax.legend(fontsize=8)
+  _save(fig, path or os.path.join(runs_dir, 'tradeoff.png'))
+  return points

@@ -179,7 +179,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
   """
   train_cfg = train_cfg or config.train
   info = data.dataset_info(config.data)
-  check_batch_size(train_cfg.batch_size)
+  check_batch_size(train_cfg.batch_size, 'train.batch_size' if train_cfg is config.train else 'finetune.batch_size')
   mesh = data_mesh()
   steps_per_epoch = data.steps_per_epoch(config.data, 'train', train_cfg.batch_size)
   schedule = make_schedule(train_cfg, steps_per_epoch)
@@ -246,4 +246,5 @@ def load_variables(workdir: str, stage: str, config, best: bool = False) -> dict
   if checkpoints.latest_step(mngr) is None:
     raise FileNotFoundError(f'no {stage} checkpoint in {directory}; run that stage first.')
   state, _ = checkpoints.restore(mngr, None, expect={'arch': config.model.arch})
-  return {'params': state['params'], 'batch_stats': state['batch_stats']}
+  # Host numpy, not the saved (replicated) sharding: callers place the arrays where their computation runs.
+  return jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})

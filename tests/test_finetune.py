@@ -1,0 +1,62 @@
+"""Fine-tuning a policy: the stages run in order from each other's best checkpoint, pruned weights stay 0."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from picpq_jax import pipeline, pruning, topology, training
+from tests.test_models import random_masks
+from tests.test_training import tiny_config
+
+
+def test_stage_bits():
+  bits = {'a': 4, 'b': 2}
+  assert pipeline.stage_bits(bits, False, False) is None
+  act = pipeline.stage_bits(bits, False, True)
+  both = pipeline.stage_bits(bits, True, True)
+  assert act['a'].tolist() == [32, 4] and act['b'].tolist() == [32, 2]
+  assert both['a'].tolist() == [4, 4]
+
+
+def test_zero_pruned_weights_hand_example():
+  topo = topology.get_topology('resnet20', 10, 32, 1)
+  rng = np.random.default_rng(0)
+  params = {l.name: {'kernel': rng.normal(size=(3, 3, l.in_channels, l.out_channels)),
+                     'bn': {'scale': np.ones(l.out_channels), 'bias': np.ones(l.out_channels)}}
+            for l in topo.layers}
+  masks = random_masks(topo, rng)
+  out = pruning.zero_pruned_weights(topo, params, masks)
+  k = np.asarray(out['layer1_0_conv1']['kernel'])
+  src, own = masks['stem'], masks['layer1_0_conv1']
+  expected = params['layer1_0_conv1']['kernel'] * src[None, None, :, None] * own[None, None, None, :]
+  np.testing.assert_array_equal(k, expected)
+  np.testing.assert_array_equal(np.asarray(out['stem']['bn']['scale']), masks['stem'])
+
+
+@pytest.mark.slow
+def test_finetune_stages_keep_pruned_weights_zero(tmp_path):
+  config = tiny_config()
+  config.train.epochs = 1
+  config.finetune.fp_epochs, config.finetune.act_epochs, config.finetune.weight_act_epochs = 1, 1, 2
+  config.finetune.eval_batch_size = 100
+  workdir = str(tmp_path)
+  model, info = pipeline.build_model(config)
+  topo = topology.get_topology('resnet20', 10, 32, 1)
+  pipeline.train_baseline(config, workdir)
+  masks = random_masks(topo, np.random.default_rng(1))
+  bits = {l.name: (32 if l.source is None else 4) for l in topo.layers}
+  policy = {'masks': {k: v.astype(int).tolist() for k, v in masks.items()}, 'bits': bits}
+  tuned = pipeline.finetune(config, workdir, model, topo, policy)
+  assert list(tuned['stages']) == ['finetune_fp', 'finetune_act', 'finetune_weight_act']
+  final = training.load_variables(workdir, 'finetune_weight_act', config, best=True)
+  for layer in topo.layers:
+    kernel = np.asarray(final['params'][layer.name]['kernel'])
+    assert np.all(kernel[..., masks[layer.name] == 0] == 0), layer.name
+    if layer.source is not None and not layer.depthwise:
+      assert np.all(kernel[:, :, masks[layer.source] == 0, :] == 0), layer.name
+  # The reported test accuracy is that of the last stage's best checkpoint with the policy applied.
+  again = pipeline.evaluate_split(config, model, final, 'test', masks, pipeline.stage_bits(bits, True, True))
+  assert again['accuracy'] == pytest.approx(tuned['test']['accuracy'])
+  rows = [json.loads(l) for l in open(tmp_path / 'finetune_weight_act.jsonl')]
+  assert len(rows) == 2

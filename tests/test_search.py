@@ -1,0 +1,133 @@
+"""The search pipeline: fitness modes agree, bad settings stop before any work, a killed search.py resumes
+to exactly the uninterrupted result."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo_mnist5k
+from picpq_jax import fitness, models, pipeline, pruning, topology
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_search_setup(tau=2, size=8, batch=8):
+  config = demo_mnist5k.get_config()
+  config.search.tau = tau
+  config.search.keep_fraction = 0.6
+  spec = models.get_spec('resnet20', 10, size, 1)
+  model, topo = models.Net(spec), topology.topology_from_spec(spec)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 1))))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
+  variables['batch_stats'] = jax.tree.map(jnp.abs, variables['batch_stats'])  # positive variances
+  fp = [rng.integers(0, size + 1, l.out_channels).astype(np.float32) for l in topo.layers]
+  fp_padded = pruning.pad_filter_properties(topo, fp)
+  train = {'image': rng.normal(size=(tau, batch, size, size, 1)).astype(np.float32),
+           'label': rng.integers(0, 10, (tau, batch)).astype(np.int32)}
+  val = {'image': rng.normal(size=(2, batch, size, size, 1)).astype(np.float32),
+         'label': rng.integers(0, 10, (2, batch)).astype(np.int32)}
+  return config, model, topo, variables, fp_padded, train, val
+
+
+def test_fitness_modes_agree_and_masks_meet_target():
+  config, model, topo, variables, fp_padded, train, val = tiny_search_setup()
+  fns = fitness.CandidateFns(model, topo, fp_padded, config.search)
+  rng = np.random.default_rng(1)
+  a = np.exp(rng.normal(size=(3, topo.num_layers))).astype(np.float32)
+  b = rng.normal(size=(3, topo.num_layers)).astype(np.float32)
+  results = {}
+  for mode, chunk in (('host', 1), ('vmap', 2), ('map', 1)):
+    results[mode] = fitness.PopulationFitness(fns, variables, train, val, chunk_size=chunk, mode=mode)(a, b)
+  for mode in ('vmap', 'map'):
+    np.testing.assert_allclose(results[mode]['loss'], results['host']['loss'], rtol=2e-4)
+    np.testing.assert_array_equal(results[mode]['flops'], results['host']['flops'])
+
+  # An independent recomputation of one candidate: prune, plain Python loop of train steps, eval.
+  masks, info = pruning.global_prune(topo, [fp_padded[l.index, :l.out_channels] for l in topo.layers],
+                                     a[0], b[0], config.search.keep_fraction, config.search.safeguard)
+  from picpq_jax import training  # pylint: disable=g-import-not-at-top
+  tx = fitness.search_optimizer(config.search)
+  state = training.TrainState(jnp.zeros((), jnp.int32), variables['params'], variables['batch_stats'],
+                              tx.init(variables['params']))
+  step = jax.jit(training.make_train_step(model, tx))
+  for i in range(train['image'].shape[0]):
+    state, _ = step(state, {k: v[i] for k, v in train.items()}, masks)
+  logits = jax.jit(model.apply)(state.variables, val['image'].reshape(-1, 8, 8, 1), masks=masks)
+  expected = float(training.cross_entropy(logits, val['label'].reshape(-1)))
+  assert results['host']['loss'][0] == pytest.approx(expected, rel=2e-4)
+  assert bool(info['reached'])
+  dense = float(pruning.exact_flops(topo, topo.out_channels))
+  assert results['host']['flops'][0] < config.search.keep_fraction * dense
+
+
+@pytest.mark.parametrize('override,needle', [
+    (('search', 'population', 3), 'search.tournament'),
+    (('search', 'tau', -1), 'search.tau'),
+    (('search', 'strategy', 'annealing'), 'search.strategy'),
+    (('search', 'keep_fraction', 0.01), 'keep_fraction'),
+    (('search', 'eval_mode', 'gpu'), 'search.eval_mode'),
+])
+def test_bad_search_settings_stop_before_any_work(override, needle):
+  config = demo_mnist5k.get_config()
+  section, key, value = override
+  config[section][key] = value
+  topo = topology.get_topology('resnet20', 10, 32, 1)
+  with pytest.raises(ValueError, match=needle.replace('.', r'\.')):
+    pipeline.check_search_config(config, topo)
+
+
+def search_command(workdir, *extra):
+  return [sys.executable, 'search.py', '--config', 'configs/demo_mnist5k.py', '--workdir', str(workdir),
+          '--config.train.epochs=1', '--config.data.test_size=4300', '--config.data.val_size=200',
+          '--config.train.eval_batch_size=100', '--config.search.val_batch_size=100',
+          '--config.search.population=6', '--config.search.tournament=3', '--config.search.total_evaluations=14',
+          '--config.search.num_children=2', '--config.search.tau=2', '--config.search.calibration_batches=1',
+          '--config.search.calibration_batch_size=32', '--config.finetune.enabled=False', *extra]
+
+
+def search_env():
+  # One CPU device: the 4 fake devices of the in-process tests would only slow the subprocesses down.
+  from picpq_jax import xla_setup  # pylint: disable=g-import-not-at-top
+  return dict(os.environ, XLA_FLAGS=xla_setup.FAST_CPU_FLAGS)
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
+  full = tmp_path / 'full'
+  out = subprocess.run(search_command(full), cwd=ROOT, env=search_env(), capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'BOPs' in out.stdout and 'compression' in out.stdout
+  # Same baseline and filter properties (deterministic, copied to save time); the search is killed mid-way.
+  killed = tmp_path / 'killed'
+  killed.mkdir()
+  for name in ('baseline', 'baseline.json', 'filter_properties.npz'):
+    src = full / name
+    (shutil.copytree if src.is_dir() else shutil.copy)(src, killed / name)
+  proc = subprocess.Popen(search_command(killed), cwd=ROOT, env=search_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while time.time() < deadline:  # wait for the initial population and two rounds to be checkpointed
+    steps = [int(d) for d in os.listdir(killed / 'search')] if (killed / 'search').exists() else []
+    if steps and max(steps) >= 10:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / 'search.json').exists()
+  out = subprocess.run(search_command(killed), cwd=ROOT, env=search_env(), capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with np.load(full / 'search_history.npz') as f, np.load(killed / 'search_history.npz') as g:
+    for key in ('a', 'b', 'loss', 'flops'):
+      np.testing.assert_array_equal(f[key], g[key])
+  import json  # pylint: disable=g-import-not-at-top
+  full_policy, resumed_policy = (json.load(open(d / 'policy.json')) for d in (full, killed))
+  assert full_policy['masks'] == resumed_policy['masks'] and full_policy['bits'] == resumed_policy['bits']
+  summary = full_policy['summary']
+  assert summary['flops'] < 0.5 * summary['flops_dense']  # the demo's FLOPs target is met
