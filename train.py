@@ -1,9 +1,16 @@
-"""Train a dense baseline: `python train.py --config configs/<name>.py --workdir DIR`.
+"""Train a dense baseline, or fine-tune a found policy.
+
+  python train.py --config configs/<name>.py --workdir DIR             # dense baseline
+  python train.py --config configs/<name>.py --workdir DIR --finetune  # fine-tune DIR/policy.json
 
 --config: an ml_collections config file (configs/); any entry can be overridden, e.g.
   --config.train.epochs=3 --config.data.data_dir=/data/tfds
 --workdir: where checkpoints (orbax), metrics (JSON lines, TensorBoard) and the summary go. Running the
   same command again resumes from the last checkpoint in it.
+--finetune: DIR is a search workdir (search.py wrote its policy.json): run the original's fine-tuning stages
+  (full precision with masks; activations quantized; weights and activations quantized; epochs and
+  schedules from config.finetune), each from the previous stage's best validation checkpoint, then export
+  the slimmed, integer-coded model to DIR/model_export.npz.
 """
 from picpq_jax import xla_setup
 
@@ -20,6 +27,7 @@ from picpq_jax import cli  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.DEFINE_bool('finetune', False, 'Fine-tune the policy of a search workdir instead of training a baseline.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -29,7 +37,10 @@ def main(argv):
   config = FLAGS.config
   cli.check_config(config)
   from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
-  summary = pipeline.train_baseline(config, FLAGS.workdir)
+  if FLAGS.finetune:
+    summary = pipeline.finetune_policy(config, FLAGS.workdir)
+  else:
+    summary = pipeline.train_baseline(config, FLAGS.workdir)
   print(json.dumps(summary, indent=1))
 
 

@@ -83,4 +83,8 @@ def add_finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.finetune.schedule = 'step'
   c.finetune.step_fractions = (0.3, 0.6, 0.8)
   c.finetune.step_factor = 0.2
+  # Before the quantized stages, scale all activations so that this percentile of the quantized convs' inputs
+  # sits at the top of the activation quantizer's fixed range [0, 1] (calibration.py; not in the original).
+  c.finetune.calibrate_activations = True
+  c.finetune.calibration_percentile = 99.9
   return c

@@ -13,19 +13,20 @@ def get_config():
   c.data.test_size = 500
   c.data.augment = 'crop'  # digits: no flips
   c.model.arch = 'resnet20'
-  c.train.epochs = 8
+  c.train.epochs = 6
   c.train.learning_rate = 0.05
   c.train.eval_batch_size = 250
-  # A small search: 16 candidates, 48 evaluations, 20 fine-tune steps each.
+  # A small search: 12 candidates, 32 evaluations, 12 fine-tune steps each.
   c.search.keep_fraction = 0.5
-  c.search.population = 16
+  c.search.population = 12
   c.search.tournament = 4
-  c.search.total_evaluations = 48
-  c.search.tau = 20
+  c.search.total_evaluations = 32
+  c.search.tau = 12
   c.search.batch_size = 64
   c.search.val_batch_size = 250
   c.search.calibration_batches = 2
-  c.finetune.fp_epochs = 3
-  c.finetune.act_epochs = 2
+  c.finetune.fp_epochs = 2
+  c.finetune.act_epochs = 1
   c.finetune.weight_act_epochs = 3
+  c.finetune.schedule = 'cosine'  # few epochs: decay smoothly instead of the original's steps
   return c

@@ -144,20 +144,17 @@ def nothing_removed(topology: Topology, keep: Mapping[str, np.ndarray], layer: L
 # --------------------------------------------------------------------------------------------------------
 
 
-def bits_from_fraction(s: float, b_max: int, pruned: bool, penalty: float = DEFAULT_PENALTY,
-                       min_bits: int = DEFAULT_MIN_BITS) -> int:
+def bits_from_fraction(s, b_max, pruned, penalty: float = DEFAULT_PENALTY, min_bits=DEFAULT_MIN_BITS, xp=np):
   """bits = b_max if not pruned else b_max - ceil(penalty / s), clamped to [min_bits, b_max].
 
-  s = 0 (everything removed) gives min_bits. When min_bits > b_max the result is b_max: a layer never gets
-  more than its available maximum.
+  The one copy of the formula, elementwise over numbers or arrays: xp=np on the host (assign_bits, float64),
+  xp=jax.numpy under jit (assign_bits_traced). s = 0 (everything removed) gives min_bits. When
+  min_bits > b_max the result is b_max: a layer never gets more than its available maximum.
   """
-  if not pruned:
-    bits = b_max
-  elif s <= 0:
-    bits = min_bits
-  else:
-    bits = b_max - math.ceil(penalty / s)
-  return int(min(max(bits, min_bits), b_max))
+  positive = s > 0
+  reduced = xp.where(positive, b_max - xp.ceil(penalty / xp.where(positive, s, 1.0)), min_bits)
+  bits = xp.where(pruned, reduced, b_max)
+  return xp.minimum(xp.maximum(bits, min_bits), b_max)
 
 
 def _b_max_table(topology: Topology, b_max: BMax) -> dict[str, int]:
@@ -204,7 +201,7 @@ def assign_bits(topology: Topology, baseline_params: Mapping[str, Any], masks: M
       bits[layer.name] = FULL_PRECISION
       continue
     pruned = not nothing_removed(topology, keep, layer)
-    bits[layer.name] = bits_from_fraction(s[layer.name], ceiling[layer.name], pruned, penalty, min_bits)
+    bits[layer.name] = int(bits_from_fraction(s[layer.name], ceiling[layer.name], pruned, penalty, min_bits))
   return bits
 
 
@@ -232,4 +229,28 @@ def bits_tree(bits: Mapping[str, Any]) -> dict[str, jnp.ndarray]:
     if pair.shape != (2,):
       raise ValueError(f'bits[{name!r}] = {value!r} must be one bit-width or a (weight, activation) pair.')
     out[name] = jnp.asarray([_check_bit_value(v, f'bits[{name!r}]') for v in pair], jnp.int32)
+  return out
+
+
+def assign_bits_traced(topology: Topology, baseline_params: Mapping[str, Any], masks: Mapping[str, Any],
+                       penalty: float = DEFAULT_PENALTY, min_bits: int = DEFAULT_MIN_BITS) -> dict[str, Any]:
+  """`assign_bits` for traced masks (quantization inside the jitted search fitness): layer name -> int32.
+
+  The same rule with the topology's B_max, in float32 under jit/vmap (no validation: the host-side
+  `assign_bits` of the final policy checks its input).
+  """
+  keep = {l.name: (jnp.asarray(masks[l.name]) > 0.5) if l.name in masks else jnp.ones(l.out_channels, bool)
+          for l in topology.layers}
+  out = {}
+  for layer in topology.layers:
+    if layer.source is None:
+      out[layer.name] = jnp.int32(FULL_PRECISION)
+      continue
+    in_keep = keep[layer.source]
+    kept = kept_weights(layer, keep[layer.name], in_keep)  # (in / groups, out) bool
+    magnitude = jnp.abs(baseline_params[layer.name]['kernel'])
+    total = magnitude.sum()
+    s = jnp.where(total > 0, (magnitude * kept).sum() / jnp.maximum(total, 1e-30), kept.mean())
+    pruned = ~(keep[layer.name].all() & in_keep.all())
+    out[layer.name] = bits_from_fraction(s, layer.b_max, pruned, penalty, min_bits, xp=jnp).astype(jnp.int32)
   return out

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from picpq_jax import bits as bits_lib
 from picpq_jax import pruning, training
 from picpq_jax.topology import Topology
 
@@ -71,11 +72,19 @@ class CandidateFns:
     return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                batch_stats=variables['batch_stats'], opt_state=self.tx.init(params))
 
-  def step(self, state, batch, masks):
-    return self._train_step(state, batch, masks)[0]
+  def bits(self, baseline_params, masks):
+    """With search.quantize, the bits bits.py assigns to these masks (weights and activations), else None."""
+    if not self.cfg.quantize:
+      return None
+    per_layer = bits_lib.assign_bits_traced(self._topology, baseline_params, masks, self.cfg.bit_penalty,
+                                            self.cfg.min_bits)
+    return {name: jnp.stack([b, b]) for name, b in per_layer.items()}
 
-  def validate(self, state, batch, masks):
-    return self._eval_step(state.variables, batch, masks)
+  def step(self, state, batch, masks, bits=None):
+    return self._train_step(state, batch, masks, bits)[0]
+
+  def validate(self, state, batch, masks, bits=None):
+    return self._eval_step(state.variables, batch, masks, bits)
 
   @staticmethod
   def result(total, info):
@@ -87,10 +96,12 @@ class CandidateFns:
   def whole(self, a, b, variables, train_batches, val_batches):
     """One candidate end to end in one program: (a (L,), b (L,)) -> outputs (scalars)."""
     masks, info = self.prune(a, b)
-    state = jax.lax.scan(lambda s, batch: (self.step(s, batch, masks), None), self.start(variables),
+    bits = self.bits(variables['params'], masks)
+    state = jax.lax.scan(lambda s, batch: (self.step(s, batch, masks, bits), None), self.start(variables),
                          train_batches)[0]
-    total = jax.lax.scan(lambda t, batch: (jax.tree.map(jnp.add, t, self.validate(state, batch, masks)), None),
-                         _zero_totals(), val_batches)[0]
+    total = jax.lax.scan(
+        lambda t, batch: (jax.tree.map(jnp.add, t, self.validate(state, batch, masks, bits)), None),
+        _zero_totals(), val_batches)[0]
     return self.result(total, info)
 
 
@@ -153,20 +164,22 @@ class PopulationFitness:
       self._prune = _sharded(_over_chunk(fns.prune, 'vmap', (0, 0)), self.mesh, (0, 0))
       self._start = _sharded(lambda masks, v: jax.vmap(lambda m: fns.start(v))(
           jax.tree.leaves(masks)[0]), self.mesh, (0, None))
-      self._step = _sharded(_over_chunk(fns.step, 'vmap', (0, None, 0)), self.mesh, (0, None, 0))
-      self._validate = _sharded(_over_chunk(fns.validate, 'vmap', (0, None, 0)), self.mesh, (0, None, 0))
+      self._bits = _sharded(_over_chunk(fns.bits, 'vmap', (None, 0)), self.mesh, (None, 0))
+      self._step = _sharded(_over_chunk(fns.step, 'vmap', (0, None, 0, 0)), self.mesh, (0, None, 0, 0))
+      self._validate = _sharded(_over_chunk(fns.validate, 'vmap', (0, None, 0, 0)), self.mesh, (0, None, 0, 0))
       self._result = _sharded(_over_chunk(fns.result, 'vmap', (0, 0)), self.mesh, (0, 0))
 
   def _host_group(self, a, b):
     """One group with the tau steps as a Python loop over one compiled step (no loop in the program)."""
     masks, info = self._prune(a, b)
     state = self._start(masks, self._variables)
+    bits = self._bits(self._variables['params'], masks) if self.fns.cfg.quantize else None
     for i in range(self._num_steps):
       batch = jax.tree.map(lambda x: x[i], self._train)
-      state = self._step(state, batch, masks)
+      state = self._step(state, batch, masks, bits)
     total = None
     for i in range(self._num_val):
-      out = self._validate(state, jax.tree.map(lambda x: x[i], self._val), masks)
+      out = self._validate(state, jax.tree.map(lambda x: x[i], self._val), masks, bits)
       total = out if total is None else jax.tree.map(jnp.add, total, out)
     return self._result(total, info)
 

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from picpq_jax import data, metrics, models, training
+from picpq_jax import calibration, data, metrics, models, training
 
 BASELINE = 'baseline'
 
@@ -218,7 +218,8 @@ def compress(config: ml_collections.ConfigDict, workdir: str) -> dict:
   masks, bits = policy_arrays(policy)
   table = report.policy_table(topo, masks, bits)
   tuned = finetune(config, workdir, model, topo, policy) if config.finetune.enabled else None
-  summary = report.run_summary(workdir, topo, baseline, policy, found, tuned)
+  exported = export_run(config, workdir) if tuned else None
+  summary = report.run_summary(workdir, topo, baseline, policy, found, tuned, exported)
   report.write_run_report(workdir, summary)
   return {'baseline': baseline, 'search': found, 'policy': policy, 'finetune': tuned, 'table': table,
           'summary': summary}
@@ -264,11 +265,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, model, topo, polic
   variables = load_baseline(config, workdir)
   variables = {'params': pruning.zero_pruned_weights(topo, variables['params'], masks),
                'batch_stats': variables['batch_stats']}
-  stages = {}
+  stages, activation_scale = {}, None
   for name, epochs_key, on_weights, on_acts in FINETUNE_STAGES:
     epochs = config.finetune[epochs_key]
     if epochs <= 0:
       continue
+    if on_acts and config.finetune.calibrate_activations and activation_scale is None:
+      # Entering quantization-aware training: move the activations into the quantizer's [0, 1] first.
+      images = data.fixed_batches(config.data, 'train', config.finetune.batch_size, 2, seed=config.seed,
+                                  train=False)['image']
+      variables, activation_scale = calibration.fit_to_quantizer_range(
+          model, variables, images.reshape(-1, *images.shape[2:]), masks, config.finetune.calibration_percentile)
     result = training.fit(config, workdir, model, stage=name, init_variables=variables, masks=masks,
                           bits=stage_bits(bits, on_weights, on_acts), train_cfg=stage_train_config(config, epochs),
                           select_best=True)
@@ -278,8 +285,57 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, model, topo, polic
   final_bits = stage_bits(bits, True, True)
   summary = {
       'stages': stages,
+      'activation_scale': activation_scale,
       'validation': evaluate_split(config, model, variables, 'validation', masks, final_bits),
       'test': evaluate_split(config, model, variables, 'test', masks, final_bits),
   }
   metrics.write_json(path, summary)
   return summary
+
+
+EXPORT = 'model_export.npz'
+
+
+def load_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The policy.json of a search workdir, checked to belong to this config's architecture."""
+  path = os.path.join(workdir, POLICY)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} has no {POLICY}: the search there is incomplete or never ran; run '
+                            f'search.py --workdir {workdir} with the same config first.')
+  policy = metrics.read_json(path)
+  if policy.get('arch') != config.model.arch:
+    raise ValueError(f'{path} is a policy for {policy.get("arch")} but model.arch={config.model.arch!r}; use the '
+                     'config the search ran with.')
+  return policy
+
+
+def export_run(config: ml_collections.ConfigDict, workdir: str, fold_bn: bool = False) -> dict:
+  """Stage 8: the fine-tuned, quantized model as a slimmed, integer-coded file (<workdir>/model_export.npz).
+
+  Returns the size report (dense FP32 bytes, file bytes, ratio).
+  """
+  from picpq_jax import export  # pylint: disable=g-import-not-at-top
+  policy = load_policy(config, workdir)
+  last = FINETUNE_STAGES[-1][0]
+  directory = os.path.join(workdir, last + '_best')
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise FileNotFoundError(f'{workdir} has no fine-tuned checkpoint ({directory}); run the fine-tuning first '
+                            '(search.py with finetune.enabled=True, or train.py --finetune).')
+  variables = training.load_variables(workdir, last, config, best=True)
+  masks, bits = policy_arrays(policy)
+  info = data.dataset_info(config.data)
+  spec = models.get_spec(config.model.arch, info.num_classes, info.image_size, info.in_channels)
+  return export.export_model(os.path.join(workdir, EXPORT), spec, variables, masks, bits, fold_bn=fold_bn,
+                             meta={'dataset': config.data.name})
+
+
+def finetune_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """train.py --finetune: the fine-tuning stages and the export for the policy a search left in workdir."""
+  from picpq_jax import topology  # pylint: disable=g-import-not-at-top
+  policy = load_policy(config, workdir)
+  if not os.path.exists(os.path.join(workdir, BASELINE + '.json')):
+    raise FileNotFoundError(f'{workdir} has a policy but no baseline; it is not a complete search workdir.')
+  model, info = build_model(config)
+  topo = topology.get_topology(config.model.arch, info.num_classes, info.image_size, info.in_channels)
+  tuned = finetune(config, workdir, model, topo, policy)
+  return {'finetune': tuned, 'export': export_run(config, workdir)}

@@ -106,7 +106,7 @@ def plot_layers(rows: list[dict], path: str, title: str = '') -> None:
 
 
 def run_summary(workdir: str, topo: Topology, baseline: dict, policy: dict, found: dict,
-                tuned: Optional[dict]) -> dict:
+                tuned: Optional[dict], exported: Optional[dict] = None) -> dict:
   """The numbers of one run (what the field reports), as a dict; `write_run_report` saves it."""
   from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
   masks, bits = pipeline.policy_arrays(policy)
@@ -120,6 +120,7 @@ def run_summary(workdir: str, topo: Topology, baseline: dict, policy: dict, foun
       'wall_time_s': {'baseline': baseline.get('wall_time_s'), 'search': found.get('wall_time_s'),
                       **({k: v['wall_time_s'] for k, v in tuned['stages'].items()} if tuned else {})},
       'search_best_loss': found.get('best_loss'), 'search_evaluations': found.get('evaluations'),
+      'export': exported,
   }
   if tuned:
     out['accuracy_drop'] = out['baseline_test_accuracy'] - out['compressed_test_accuracy']

@@ -194,3 +194,19 @@ def test_bits_tree_feeds_the_model():
   logits = jax.jit(lambda v, x, b: models.Net(spec).apply(v, x, train=False, bits=b))(
       variables, jnp.ones((2, 8, 8, 3)), tree)
   assert logits.shape == (2, 10) and bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize('arch', ['resnet20', 'mobilenetv2'])
+def test_traced_bits_equal_host_bits(arch):
+  """The jitted twin used inside the search gives the host rule's bits on random chain-respecting masks."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tests.test_models import random_masks  # pylint: disable=g-import-not-at-top
+  topo = topology.get_topology(arch, 10, 16, 3)
+  rng = np.random.default_rng(7)
+  params = {l.name: {'kernel': rng.normal(size=(l.kernel, l.kernel, l.in_channels // l.groups,
+                                                l.out_channels)).astype(np.float32)} for l in topo.layers}
+  for keep_prob in (0.3, 0.7, 1.0):
+    masks = random_masks(topo, rng, keep_prob)
+    expected = bits_lib.assign_bits(topo, params, masks)
+    traced = jax.jit(lambda p, m: bits_lib.assign_bits_traced(topo, p, m))(params, masks)
+    assert {k: int(v) for k, v in traced.items()} == expected

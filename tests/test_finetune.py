@@ -22,7 +22,7 @@ def test_stage_bits():
 def test_zero_pruned_weights_hand_example():
   topo = topology.get_topology('resnet20', 10, 32, 1)
   rng = np.random.default_rng(0)
-  params = {l.name: {'kernel': rng.normal(size=(3, 3, l.in_channels, l.out_channels)),
+  params = {l.name: {'kernel': rng.normal(size=(3, 3, l.in_channels, l.out_channels)).astype(np.float32),
                      'bn': {'scale': np.ones(l.out_channels), 'bias': np.ones(l.out_channels)}}
             for l in topo.layers}
   masks = random_masks(topo, rng)
@@ -60,3 +60,15 @@ def test_finetune_stages_keep_pruned_weights_zero(tmp_path):
   assert again['accuracy'] == pytest.approx(tuned['test']['accuracy'])
   rows = [json.loads(l) for l in open(tmp_path / 'finetune_weight_act.jsonl')]
   assert len(rows) == 2
+
+
+def test_finetune_and_export_need_a_complete_search_workdir(tmp_path):
+  config = tiny_config()
+  with pytest.raises(FileNotFoundError, match='policy.json'):
+    pipeline.finetune_policy(config, str(tmp_path))
+  (tmp_path / 'policy.json').write_text(json.dumps({'arch': 'resnet56', 'masks': {}, 'bits': {}}))
+  with pytest.raises(ValueError, match='resnet56'):
+    pipeline.finetune_policy(config, str(tmp_path))
+  (tmp_path / 'policy.json').write_text(json.dumps({'arch': 'resnet20', 'masks': {}, 'bits': {}}))
+  with pytest.raises(FileNotFoundError, match='fine-tuned checkpoint'):
+    pipeline.export_run(config, str(tmp_path))

@@ -37,6 +37,22 @@ def tiny_search_setup(tau=2, size=8, batch=8):
   return config, model, topo, variables, fp_padded, train, val
 
 
+def test_quantized_fitness_modes_agree():
+  """search.quantize: the fine-tune and validation run with the assigned bits, the same in every mode."""
+  config, model, topo, variables, fp_padded, train, val = tiny_search_setup()
+  config.search.quantize = True
+  fns = fitness.CandidateFns(model, topo, fp_padded, config.search)
+  a, b = np.ones((2, topo.num_layers), np.float32), np.zeros((2, topo.num_layers), np.float32)
+  b[1] = np.linspace(-1, 1, topo.num_layers)
+  host = fitness.PopulationFitness(fns, variables, train, val, mode='host')(a, b)
+  whole = fitness.PopulationFitness(fns, variables, train, val, chunk_size=2, mode='vmap')(a, b)
+  np.testing.assert_allclose(whole['loss'], host['loss'], rtol=2e-4)
+  config.search.quantize = False
+  plain = fitness.PopulationFitness(fitness.CandidateFns(model, topo, fp_padded, config.search), variables,
+                                    train, val, mode='host')(a, b)
+  assert np.all(np.abs(plain['loss'] - host['loss']) > 1e-4)  # the bits really were applied
+
+
 def test_fitness_modes_agree_and_masks_meet_target():
   config, model, topo, variables, fp_padded, train, val = tiny_search_setup()
   fns = fitness.CandidateFns(model, topo, fp_padded, config.search)
