@@ -185,3 +185,15 @@ def plot_tradeoff(runs_dir: str, path: Optional[str] = None) -> list[dict]:
   ax.legend(fontsize=8)
   _save(fig, path or os.path.join(runs_dir, 'tradeoff.png'))
   return points
+
+
+if __name__ == '__main__':
+  # python -m picpq_jax.report RUNS_DIR: the accuracy-compression plot of every run under RUNS_DIR.
+  import sys  # pylint: disable=g-import-not-at-top
+  if len(sys.argv) != 2:
+    sys.exit('usage: python -m picpq_jax.report RUNS_DIR')
+  try:
+    shown = plot_tradeoff(sys.argv[1])
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  print(f'{len(shown)} run(s) plotted in {os.path.join(sys.argv[1], "tradeoff.png")}')

@@ -1,0 +1,44 @@
+"""Report numbers against the cost model's invariants; the Markdown table and the trade-off plot."""
+import json
+
+import numpy as np
+import pytest
+
+from picpq_jax import cost, report, topology
+
+
+def test_compression_summary_of_a_hand_policy():
+  topo = topology.get_topology('resnet20', 10, 32, 1)
+  masks = {'layer1_0_conv1': np.array([1.0] * 8 + [0.0] * 8)}
+  bits = {l.name: 4 for l in topo.layers[1:]}
+  s = report.compression_summary(topo, masks, bits)
+  assert s['bops_dense'] == pytest.approx(1024 * s['flops_dense'])
+  # Halving layer1_0_conv1 halves its MACs and the MACs of layer1_0_conv2, which reads it.
+  l1, l2 = (topo.layer(n) for n in ('layer1_0_conv1', 'layer1_0_conv2'))
+  saved = (l1.out_height * l1.out_width * 9 * 16 * 8) + (l2.out_height * l2.out_width * 9 * 8 * 16)
+  assert s['flops_dense'] - s['flops'] == pytest.approx(saved)
+  keep = np.asarray(cost.keep_counts(topo, masks))
+  w = np.array([32] + [4] * (topo.num_layers - 1))
+  assert s['bops'] == pytest.approx(float(cost.bops(topo, keep, w, w)))
+  assert s['bops_compression'] == pytest.approx(s['bops_dense'] / s['bops'])
+
+
+def test_markdown_and_tradeoff_plot(tmp_path):
+  topo = topology.get_topology('resnet20', 10, 32, 1)
+  rows = report.layer_rows(topo, {}, {})
+  base = {'arch': 'resnet20', 'dataset': 'mnist5k', 'baseline_test_accuracy': 0.98, 'layers': rows,
+          'flops_dense': 4e7, 'flops': 2e7, 'params_dense': 2.7e5, 'params': 1e5, 'bops_dense': 4.1e10,
+          'bops': 1e9, 'bops_compression': 41.0, 'wall_time_s': {'baseline': 12.0}}
+  for i, (acc, ratio) in enumerate([(0.97, 41.0), (0.95, 60.0)]):
+    run = tmp_path / f'run{i}'
+    run.mkdir()
+    summary = dict(base, compressed_test_accuracy=acc, bops_compression=ratio, accuracy_drop=0.98 - acc)
+    (run / 'summary.json').write_text(json.dumps(summary))
+  text = report.markdown(dict(base, compressed_test_accuracy=0.97, accuracy_drop=0.01))
+  assert '| BOPs | 41.00 G | 1.000 G | 41.00x |' in text
+  assert '| test accuracy | 98.00 % | 97.00 % | drop 1.00 % |' in text
+  points = report.plot_tradeoff(str(tmp_path))
+  assert sorted(p['bops_compression'] for p in points) == [41.0, 60.0]
+  assert (tmp_path / 'tradeoff.png').stat().st_size > 1000
+  with pytest.raises(ValueError, match='summary.json'):
+    report.plot_tradeoff(str(tmp_path / 'run0' / 'nothing'))
