@@ -360,10 +360,6 @@ def make_strategy(
       raise ValueError(f"{setting} must be a positive integer, got {value!r}.")
   solution = jnp.zeros((2 * num_layers,), jnp.float32)
   if cls is AgingEvolution:
-    if tournament_size > population_size:
-      raise ValueError(f"search.population ({population_size}) is smaller than search.tournament "
-                       f"({tournament_size}); the tournament draws from the population: lower "
-                       f"search.tournament or raise search.population.")
     if total_evaluations < population_size:
       raise ValueError(f"search.total_evaluations ({total_evaluations}) must be at least search.population "
                        f"({population_size}), since the initial population counts toward the budget.")

@@ -79,8 +79,13 @@ def check_search_config(config: ml_collections.ConfigDict, topo) -> None:
   if s.tau < 0:
     raise ValueError(f'search.tau={s.tau} must be >= 0 (SGD steps of the fine-tune inside the fitness).')
   fitness.resolve_eval_mode(s.eval_mode)
-  evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children, s.total_evaluations,
-                          tournament_size=s.tournament)
+  strategy, _ = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
+                                        s.total_evaluations, tournament_size=s.tournament)
+  if isinstance(strategy, evolution.AgingEvolution) and s.population < s.tournament:
+    # Draws with replacement would still work, but a tournament larger than the population is a typo.
+    raise ValueError(f'search.population ({s.population}) is smaller than search.tournament ({s.tournament}); '
+                     'the tournament draws from the population: lower search.tournament or raise '
+                     'search.population.')
   # The identity candidate (a = 1, b = 0) with all-zero properties: if even it cannot reach the target under
   # the safeguard, global_prune says so in one sentence.
   zeros = [np.zeros(l.out_channels, np.float32) for l in topo.layers]

@@ -130,7 +130,7 @@ def test_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
   proc = subprocess.Popen(search_command(killed), cwd=ROOT, env=search_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   while time.time() < deadline:  # wait for the initial population and two rounds to be checkpointed
-    steps = [int(d) for d in os.listdir(killed / 'search')] if (killed / 'search').exists() else []
+    steps = [int(d) for d in os.listdir(killed / 'search') if d.isdigit()] if (killed / 'search').exists() else []
     if steps and max(steps) >= 10:
       break
     time.sleep(0.2)
