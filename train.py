@@ -17,7 +17,6 @@ from picpq_jax import xla_setup
 xla_setup.configure_cpu()
 
 import json  # noqa: E402
-import os  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -16,7 +16,6 @@ the same bits. Runs once on the host, in numpy (float64).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Union
 
 import jax.numpy as jnp

@@ -4,9 +4,9 @@ The k-bit activation quantizer (METHOD.md) clips to [0, 1]; a network trained wi
 activations of several units, which the clip destroys, and recovering takes the original's hundreds of QAT
 epochs. Scaling every BatchNorm output by one factor c (gamma, beta *= c) scales every activation by c:
 ReLU commutes with c > 0, residual sums and option-A shortcuts scale with their summands, a conv reading a
-scaled input has its BatchNorm running statistics scaled to match (mean *= c, var *= c^2), and the first
-dense layer divides by c. So the network computes the same logits (exactly for ReLU networks, up to the BN
-epsilon; approximately for MobileNetV2, whose ReLU6 does not commute with scaling) while its quantized conv
+scaled input has its BatchNorm running statistics scaled to match (mean *= c, var + eps *= c^2), and the
+first dense layer divides by c. So the network computes the same logits (for ReLU networks up to float
+rounding; approximately for MobileNetV2, whose ReLU6 does not commute with scaling) while its quantized conv
 inputs now fit [0, 1]. We choose c = 1 / (the given percentile of all quantized-conv inputs) on calibration
 images, before the quantization-aware stages.
 """
@@ -17,7 +17,6 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from picpq_jax.models.layers import BN_EPSILON, MaskedQConv
 from picpq_jax.models.spec import ArchSpec

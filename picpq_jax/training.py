@@ -7,7 +7,6 @@ serves every candidate. Data parallelism: the batch is sharded over a 1-D mesh o
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time

@@ -1,7 +1,6 @@
 """Fine-tuning a policy: the stages run in order from each other's best checkpoint, pruned weights stay 0."""
 import json
 
-import jax
 import numpy as np
 import pytest
 
