@@ -87,4 +87,12 @@ def add_finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # sits at the top of the activation quantizer's fixed range [0, 1] (calibration.py; not in the original).
   c.finetune.calibrate_activations = True
   c.finetune.calibration_percentile = 99.9
+  # Before each validation, replace the BatchNorm running statistics by the mean batch statistics of this
+  # many (un-augmented) training batches: quantized weights flip from step to step, and the running averages
+  # lag them (training.precise_batch_stats; not in the original). 0 keeps the running averages.
+  c.finetune.precise_bn_batches = 8
+  # Knowledge distillation from the dense baseline (not in the original): the loss is
+  # (1 - w) * cross-entropy + w * T^2 KL(teacher || student) at temperature T; w = 0 turns it off.
+  c.finetune.distill_weight = 0.0
+  c.finetune.distill_temperature = 4.0
   return c

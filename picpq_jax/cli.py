@@ -53,6 +53,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.name={config.data.name!r} is not a dataset; choose one of {list(data.DATASETS)}.')
   training.check_batch_size(config.train.batch_size)
   if 'finetune' in config:
-    training.check_batch_size(config.finetune.batch_size, 'finetune.batch_size')
+    ft = config.finetune
+    training.check_batch_size(ft.batch_size, 'finetune.batch_size')
+    if not 0.0 <= ft.distill_weight <= 1.0:
+      raise ValueError(f'finetune.distill_weight={ft.distill_weight} must lie in [0, 1] (0 turns distillation '
+                       'off).')
+    if ft.distill_temperature <= 0:
+      raise ValueError(f'finetune.distill_temperature={ft.distill_temperature} must be > 0 (4 is usual).')
+    if ft.precise_bn_batches < 0:
+      raise ValueError(f'finetune.precise_bn_batches={ft.precise_bn_batches} must be >= 0 (0 keeps the running '
+                       'BatchNorm statistics).')
   if config.train.epochs < 0:
     raise ValueError(f'train.epochs={config.train.epochs} must be >= 0.')

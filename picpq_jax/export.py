@@ -11,8 +11,8 @@ Export. `export_model(path, spec, variables, masks, bits)` writes the compressed
 half-written file), and `load_model(path)` rebuilds the slim Flax model from it:
 
     report = export_model('model.npz', spec, variables, masks, bits)          # sizes, see `size_report`
-    module, variables, act_bits = load_model('model.npz')
-    logits = module.apply(variables, x, bits=act_bits)                         # no masks
+    module, variables, bits = load_model('model.npz')
+    logits = module.apply(variables, x, bits=bits)                             # no masks
 
 File format (version 1). Arrays of the npz, for each prunable conv L of the spec, in forward order:
 
@@ -37,23 +37,28 @@ File format (version 1). Arrays of the npz, for each prunable conv L of the spec
                         'scale', 'code_dtype'}.
 
 The quantized kernel is rebuilt as w_q = float32(code * scale), the product taken in float64; 'scale' is a JSON
-number (a double, exact): 1 / n for 2 <= k < 32 (n = 2^(min(k, 24) - 1) - 1, the grid of quant.weight_quant;
-k >= 24 uses n = 2^23 - 1 as it does), mean|w| for k = 1. The codes are those of `quant.weight_quant` applied to
-the WHOLE kernel of the masked model (its max|tanh w| and mean|w| run over pruned channels too) and then sliced
-to the kept channels, so the rebuilt weights are exactly the masked model's fake-quantized weights.
+number holding a float32 exactly: the step of `quant.weight_codes`, float32(1 / n) for 2 <= k < 32
+(n = 2^(min(k, 24) - 1) - 1; k >= 24 uses n = 2^23 - 1 as it does), mean|w| for k = 1. The codes are those of
+`quant.weight_codes` applied to the WHOLE kernel of the masked model (its max|tanh w| and mean|w| run over
+pruned channels too) and then sliced to the kept channels, so the rebuilt weights are exactly the masked
+model's fake-quantized weights.
 
 Loading (`load_model`) returns `Net(slim spec)`, whose conv units still hold a BatchNorm, its variables with the
-DEQUANTIZED kernels, and `bits = {L: [32, act_bits_L]}`: the weights are already on their grid, so the weight
-quantizer must not run again (32 = identity), while the input activations are quantized as in the masked
-model. A folded export loads as BatchNorm variables that make BN the affine map: scale = s, bias = t,
-mean = 0, var = 1 - eps (rounded so that var + eps == 1 in float32; Flax computes (x - mean) * scale *
-rsqrt(var + eps) + bias = x * s + t), so the same `Net` runs both kinds of export.
+DEQUANTIZED kernels, and `bits = {L: [weight_bits_L, act_bits_L]}`. The slim spec marks every conv
+`kernel_on_grid`, so its weight codes are read back from the kernel (`quant.grid_weight_codes`) instead of
+being quantized again, while the input activations are quantized as in the masked model. A folded export
+loads as BatchNorm variables that make BN the affine map: scale = s, bias = t, mean = 0, var = 1 - eps
+(rounded so that var + eps == 1 in float32; Flax computes (x - mean) * scale * rsqrt(var + eps) + bias =
+x * s + t), so the same `Net` runs both kinds of export.
 
-How equal is "equal": the weights are bit for bit the masked model's, but the slim convs add the same products
-in another order, so conv outputs differ by float32 ulps, and a value that lies within ulps of an activation
-quantizer's rounding step can round the other way. On 16 MNIST digits through ResNet-20 with mixed 2..8 bits,
-15 images agree to 4e-6 and one differs by 0.09 (a single flipped activation); with 2-bit weights and 1-bit
-activations (every sum an exact small integer) the logits are identical. `logit_difference` measures it.
+How equal is "equal": both models convolve the same integer codes (quant.py), whose sums are exact in float32
+in any order while they stay below 2^24 in magnitude (|sum| <= fan-in x n_act x n_weight: guaranteed for 4-bit
+weights and activations up to a fan-in of 159,783; at 8/8 bits a sum past 2^24 over a 3 x 3 x 64 fan-in needs
+90 % of all products at their extreme, same sign), and scale the sum by the same float32 step; BatchNorm, residual adds and activation
+quantizers then see bit-identical inputs. So an unfolded export gives the masked model's logits up to the
+order of the head's final sum (~1e-6). Folding BN rounds the affine map differently, which can move a rare
+activation across a quantizer's rounding step (~0.1 on that image). A 32-bit layer other than the stem
+convolves floats and shares that risk. `logit_difference` measures it.
 """
 from __future__ import annotations
 
@@ -106,14 +111,18 @@ def _input_indices(spec: ArchSpec, keep: Mapping[str, np.ndarray], source) -> np
   return None if source is None else keep[source]
 
 
-def slim_spec(spec: ArchSpec, keep: Mapping[str, np.ndarray]) -> ArchSpec:
-  """The spec of the slimmed network: every conv's channels (and a depthwise conv's groups) cut to `keep`."""
+def slim_spec(spec: ArchSpec, keep: Mapping[str, np.ndarray], kernel_on_grid: bool = False) -> ArchSpec:
+  """The spec of the slimmed network: every conv's channels (and a depthwise conv's groups) cut to `keep`.
+
+  kernel_on_grid: its kernels will hold quantized weights (an export's), read back as codes by the model.
+  """
   convs = []
   for c in spec.convs:
     out = len(keep[c.name])
     inp = spec.in_channels if c.source is None else len(keep[c.source])
     groups = out if c.depthwise else c.groups
-    convs.append(dataclasses.replace(c, in_channels=inp, out_channels=out, groups=groups))
+    convs.append(dataclasses.replace(c, in_channels=inp, out_channels=out, groups=groups,
+                                     kernel_on_grid=kernel_on_grid))
   head = list(spec.head)
   head[0] = dataclasses.replace(head[0], in_features=len(keep[head[0].source]))
   return dataclasses.replace(spec, convs=tuple(convs), head=tuple(head))
@@ -151,11 +160,6 @@ def slice_variables(spec: ArchSpec, variables: Mapping[str, Any], keep: Mapping[
 def code_dtype(bits: int) -> np.dtype:
   """The integer type that holds a `bits`-bit code: int8 (<= 8), int16 (<= 16), int32 (<= 31)."""
   return np.dtype(np.int8 if bits <= 8 else np.int16 if bits <= 16 else np.int32)
-
-
-def grid_levels(bits: int) -> int:
-  """n of quant.weight_quant's k-bit grid round(t * n) / n (2 <= k < 32): 2^(min(k, 24) - 1) - 1."""
-  return max(2 ** (min(bits, 24) - 1) - 1, 1)
 
 
 def _check_pack_bits(bits) -> int:
@@ -212,34 +216,27 @@ def unpack_codes(packed, bits: int, count: int) -> np.ndarray:
 
 
 @jax.jit
-def _weight_quant_many(kernels, bits):
-  """quant.weight_quant of several kernels in one compiled call (bits traced, as in the model)."""
-  return [quant.weight_quant(k, b) for k, b in zip(kernels, bits)]
+def _weight_codes_many(kernels, bits):
+  """quant.weight_codes of several kernels in one compiled call (bits traced, as in the model)."""
+  return [quant.weight_codes(k, b) for k, b in zip(kernels, bits)]
 
 
 def quantize_kernels(kernels: Sequence[Any], bits: Sequence[int]) -> list[tuple[np.ndarray, float]]:
-  """[(codes, scale)] of `quant.weight_quant(kernel, bits)` over each WHOLE kernel, 1 <= bits < 32.
+  """[(codes, scale)] of `quant.weight_codes(kernel, bits)` over each WHOLE kernel, 1 <= bits < 32.
 
-  codes (the kernel's shape, `code_dtype(bits)`) are integers in [-n, n] (1 bit: -1 / +1), and
-  float32(codes * scale) (the product in float64) is exactly weight_quant's output (verified here).
+  codes (the kernel's shape, `code_dtype(bits)`) are integers in [-n, n] (1 bit: -1 / +1); scale is the float32
+  step as a Python float, so float32(codes * scale) (the product in float64, exact) is exactly
+  quant.weight_quant's output.
   """
   bits = [_check_pack_bits(b) for b in bits]
   kernels = [np.asarray(k, np.float32) for k in kernels]
-  wqs = _weight_quant_many([jnp.asarray(k) for k in kernels], [jnp.asarray(b, jnp.int32) for b in bits])
+  coded = _weight_codes_many([jnp.asarray(k) for k in kernels], [jnp.asarray(b, jnp.int32) for b in bits])
   out = []
-  for kernel, b, wq in zip(kernels, bits, wqs):
-    wq = np.asarray(wq)
-    if b == 1:
-      codes = np.where(kernel >= 0, 1, -1)  # quant.sign_ste: sign with 0 -> +1
-      scale = float(np.abs(wq).max()) if wq.size else 0.0  # mean|w| of the whole kernel, as a float32
-    else:
-      n = grid_levels(b)
-      codes = np.rint(wq.astype(np.float64) * n)  # exact: |code/n error| * n < 0.5 for n < 2^23
-      scale = 1.0 / n
-    codes = codes.astype(code_dtype(b))
-    if not np.array_equal(dequantize(codes, scale), wq):
-      raise RuntimeError(f'integer codes do not reproduce quant.weight_quant at {b} bits; this is a bug.')
-    out.append((codes, scale))
+  for b, (codes, step) in zip(bits, coded):
+    codes = np.asarray(codes)
+    if not np.array_equal(codes, np.round(codes)):
+      raise RuntimeError(f'quant.weight_codes gave non-integer codes at {b} bits; this is a bug.')
+    out.append((codes.astype(code_dtype(b)), float(np.float32(step))))
   return out
 
 
@@ -454,8 +451,8 @@ def load_model(path: str):
 
   module = models.Net(slim spec), applied without masks: `module.apply(variables, x, bits=bits)`;
   variables hold the dequantized kernels (and, for a folded export, BatchNorm variables that are the folded
-  affine map); bits = {layer: int32 [32, act_bits]}: activations quantized as in the masked model, weights
-  not quantized again.
+  affine map); bits = {layer: int32 [weight_bits, act_bits]}. The slim spec marks its kernels as on their
+  grid, so the model reads their codes back instead of quantizing them again.
   """
   manifest, arrays = read_export(path)
   try:
@@ -463,7 +460,7 @@ def load_model(path: str):
                            manifest['in_channels'])
     entries = {l['name']: l for l in manifest['layers']}
     keep = {c.name: np.asarray(entries[c.name]['kept'], np.int64) for c in spec.convs}
-    slim = slim_spec(spec, keep)
+    slim = slim_spec(spec, keep, kernel_on_grid=True)
     fold = bool(manifest['fold_bn'])
     params, stats, bits = {}, {}, {}
     for c in slim.convs:
@@ -487,7 +484,7 @@ def load_model(path: str):
         bn, st = dict(scale=g, bias=b), dict(mean=m, var=v)
       params[c.name] = {'kernel': jnp.asarray(kernel), 'bn': {k: jnp.asarray(x) for k, x in bn.items()}}
       stats[c.name] = {'bn': {k: jnp.asarray(x) for k, x in st.items()}}
-      bits[c.name] = jnp.asarray([FULL_PRECISION, int(entry['act_bits'])], jnp.int32)
+      bits[c.name] = jnp.asarray([w_bits, int(entry['act_bits'])], jnp.int32)
     dense = _unflatten({k[len('dense/'):]: v for k, v in arrays.items() if k.startswith('dense/')})
     params.update(dense.get('params', {}))
     stats.update(dense.get('batch_stats', {}))
@@ -540,10 +537,9 @@ def logit_difference(path: str, spec: ArchSpec, variables: Mapping[str, Any],
                      masks: Optional[Mapping[str, Any]], bits: Optional[Mapping[str, Any]], x) -> np.ndarray:
   """Per image of the batch x: max |logits of the masked fake-quantized model - logits of the loaded export|.
 
-  Both run in eval mode, compiled. What to expect: the slim convs sum the same products in another order
-  (float32), so conv outputs differ by ulps, and where such a value lies within ulps of an activation
-  quantizer's rounding step the two models round it differently. Most images agree to ~1e-5; a rare image
-  differs by up to ~0.1 (one flipped activation); a wrong export differs on every image.
+  Both run in eval mode, compiled. An unfolded export agrees to ~1e-6 (the module docstring says why); a
+  folded one can differ on a rare image by ~0.1 (one activation rounded the other way); a wrong export
+  differs on every image.
   """
   masks = {k: jnp.asarray(v, jnp.float32) for k, v in (masks or {}).items()}
   want = compiled_apply(spec)(variables, x, masks=masks, bits=bits_lib.bits_tree(bits or {}))

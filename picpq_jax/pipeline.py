@@ -267,9 +267,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, model, topo, polic
   if os.path.exists(path):
     return metrics.read_json(path)
   masks, bits = policy_arrays(policy)
-  variables = load_baseline(config, workdir)
-  variables = {'params': pruning.zero_pruned_weights(topo, variables['params'], masks),
-               'batch_stats': variables['batch_stats']}
+  baseline = load_baseline(config, workdir)
+  variables = {'params': pruning.zero_pruned_weights(topo, baseline['params'], masks),
+               'batch_stats': baseline['batch_stats']}
   stages, activation_scale = {}, None
   for name, epochs_key, on_weights, on_acts in FINETUNE_STAGES:
     epochs = config.finetune[epochs_key]
@@ -283,7 +283,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, model, topo, polic
           model, variables, images.reshape(-1, *images.shape[2:]), masks, config.finetune.calibration_percentile)
     result = training.fit(config, workdir, model, stage=name, init_variables=variables, masks=masks,
                           bits=stage_bits(bits, on_weights, on_acts), train_cfg=stage_train_config(config, epochs),
-                          select_best=True)
+                          select_best=True, teacher=baseline)
     variables = training.load_variables(workdir, name, config, best=True)
     stages[name] = {'epochs': epochs, 'best_val_accuracy': result['best']['accuracy'],
                     'best_epoch': result['best']['epoch'] + 1, 'wall_time_s': result['wall_time_s']}

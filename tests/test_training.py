@@ -38,6 +38,71 @@ def test_four_devices_give_the_same_losses_as_one():
   assert losses[1][0] != losses[1][2]  # the steps really trained
 
 
+def test_precise_batch_stats_are_the_mean_batch_statistics():
+  """Each BatchNorm's precise statistics are the mean over batches of its input's per-channel batch mean and
+  (biased) variance, here read from the conv outputs a training-mode forward sows (computed another way)."""
+  from tests.test_criteria import random_variables
+  model = models.create_model('resnet20', 10, 16, 1)
+  variables = jax.tree.map(lambda a: np.asarray(a, np.float32), random_variables(model, (16, 16, 1)))
+  rng = np.random.default_rng(0)
+  batches = [{'image': rng.normal(size=(8, 16, 16, 1)).astype(np.float32)} for _ in range(2)]
+  bits = {c.name: 32 if c.source is None else 4 for c in model.spec.convs}  # the quantized path
+  from picpq_jax import bits as bits_lib
+  tree = bits_lib.bits_tree(bits)
+  step = jax.jit(training.make_batch_stats_step(model))
+  got = training.precise_batch_stats(step, variables, batches, training.data_mesh(), None, tree)
+
+  @jax.jit
+  def sown(x):
+    _, out = model.apply(variables, x, train=True, bits=tree, mutable=['batch_stats', 'intermediates'])
+    return {k: v['conv'][0] for k, v in out['intermediates'].items()}
+
+  outputs = [jax.tree.map(np.asarray, sown(b['image'])) for b in batches]
+  for c in model.spec.convs:
+    ys = [o[c.name].astype(np.float64) for o in outputs]
+    mean = np.mean([y.mean(axis=(0, 1, 2)) for y in ys], axis=0)
+    var = np.mean([y.var(axis=(0, 1, 2)) for y in ys], axis=0)
+    np.testing.assert_allclose(got[c.name]['bn']['mean'], mean, rtol=1e-4, atol=1e-5, err_msg=c.name)
+    np.testing.assert_allclose(got[c.name]['bn']['var'], var, rtol=1e-3, atol=1e-5, err_msg=c.name)
+  assert not np.allclose(got['stem']['bn']['var'], variables['batch_stats']['stem']['bn']['var'])
+
+
+def test_distillation_loss_known_answers():
+  logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], np.float32)
+  teacher = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0]], np.float32)
+  for t in (1.0, 4.0):
+    p = np.exp(teacher / t) / np.exp(teacher / t).sum(-1, keepdims=True)
+    q = np.exp(logits / t) / np.exp(logits / t).sum(-1, keepdims=True)
+    want = t * t * np.mean(np.sum(p * np.log(p / q), -1))  # written out: T^2 KL(p || q)
+    np.testing.assert_allclose(training.distillation_loss(logits, teacher, t), want, rtol=1e-5)
+  assert float(training.distillation_loss(teacher, teacher, 4.0)) == pytest.approx(0.0, abs=1e-6)
+  # Only the teacher's shape of the distribution matters: shifting its logits changes nothing.
+  np.testing.assert_allclose(training.distillation_loss(logits, teacher + 5.0, 2.0),
+                             training.distillation_loss(logits, teacher, 2.0), rtol=1e-5)
+
+
+def test_train_step_distills_from_the_teacher():
+  """The step's loss is (1 - w) CE + w KD with the teacher's eval-mode logits, each computed separately."""
+  from tests.test_criteria import random_variables
+  model = models.create_model('resnet20', 10, 16, 1)
+  student = jax.tree.map(lambda a: np.asarray(a, np.float32), random_variables(model, (16, 16, 1), seed=0))
+  teacher = jax.tree.map(lambda a: np.asarray(a, np.float32), random_variables(model, (16, 16, 1), seed=1))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
+           'label': rng.integers(0, 10, 8).astype(np.int32)}
+  tx = optax.sgd(0.01)
+  state = training.TrainState(step=0, params=student['params'], batch_stats=student['batch_stats'],
+                              opt_state=tx.init(student['params']))
+  _, m = jax.jit(training.make_train_step(model, tx, distill_weight=0.25, temperature=3.0))(
+      state, batch, None, None, teacher)
+  logits, _ = model.apply(student, batch['image'], train=True, mutable=['batch_stats'])
+  t_logits = model.apply(teacher, batch['image'], train=False)
+  ce = training.cross_entropy(logits, batch['label'])
+  kd = training.distillation_loss(logits, t_logits, 3.0)
+  np.testing.assert_allclose(m['loss'], 0.75 * ce + 0.25 * kd, rtol=1e-5)
+  assert abs(float(kd) - float(ce)) > 1e-2  # the two parts differ, so a wrong mix would show
+
+
 def tiny_config():
   c = demo_mnist5k.get_config()
   c.data.test_size = 4300  # leaves 500 training images: 3 steps of 128 per epoch
@@ -87,6 +152,7 @@ def run_train(*args, workdir):
     ('--config.data.name=svhn', 'data.name'),
     ('--config.train.epoch=3', 'epoch'),
     ('--config.train.batch_size=130', 'train.batch_size=130'),
+    ('--config.finetune.distill_weight=1.5', 'finetune.distill_weight=1.5'),
 ])
 def test_bad_input_stops_with_one_sentence(tmp_path, override, needle):
   out = run_train(override, workdir=tmp_path / 'w')

@@ -22,7 +22,8 @@ class MaskedQConv(nn.Module):
 
   With `bits = (w_bits, a_bits)` the input goes through the k-bit activation quantizer (which takes the place
   of the ReLU before this conv) and the kernel through the k-bit weight quantizer; bits may be traced
-  arrays, 32 = full precision. The conv output before BatchNorm is sown as intermediates['conv'], where the
+  arrays, 32 = full precision. `spec.kernel_on_grid` (an export's slim model): the kernel already holds
+  quantized weights, whose codes are read back instead of quantizing again. The conv output before BatchNorm is sown as intermediates['conv'], where the
   feature-map rank is taken. Returns the pre-activation (B, H', W', out_channels).
   """
   spec: ConvSpec
@@ -31,15 +32,21 @@ class MaskedQConv(nn.Module):
   def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None, bits: Any = None):
     s = self.spec
     kernel = self.param('kernel', conv_init, (s.kernel, s.kernel, s.in_channels // s.groups, s.out_channels))
+    step = None
     if bits is not None:
       w_bits, a_bits = bits[0], bits[1]
       # The image (stem input) and linear bottlenecks are signed: a [0, 1] clip would zero their negatives.
-      x = quant.act_quant(x, a_bits, signed=s.signed_input or s.source is None)
-      kernel = quant.weight_quant(kernel, w_bits)
+      x, x_step = quant.act_codes(x, a_bits, signed=s.signed_input or s.source is None)
+      weight_codes = quant.grid_weight_codes if s.kernel_on_grid else quant.weight_codes
+      kernel, w_step = weight_codes(kernel, w_bits)
+      step = x_step * w_step
     pad = s.kernel // 2
+    # With bits, x and kernel hold integer codes: the sum is exact in any order (quant.py), scaled once after.
     y = jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), window_strides=(s.stride, s.stride), padding=((pad, pad), (pad, pad)),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=s.groups)
+    if step is not None:
+      y = y * step
     self.sow('intermediates', 'conv', y)
     y = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name='bn')(y)
     if mask is not None:

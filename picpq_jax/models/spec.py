@@ -34,6 +34,7 @@ class ConvSpec:
   groups: int = 1
   chain: Optional[str] = None
   signed_input: bool = False
+  kernel_on_grid: bool = False  # the kernel holds quantized weights already (an export's slim model)
 
   @property
   def depthwise(self) -> bool:
