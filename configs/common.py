@@ -95,4 +95,13 @@ def add_finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # (1 - w) * cross-entropy + w * T^2 KL(teacher || student) at temperature T; w = 0 turns it off.
   c.finetune.distill_weight = 0.0
   c.finetune.distill_temperature = 4.0
+  return add_export_config(c)
+
+
+def add_export_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The slimmed, integer-coded export written after fine-tuning (picpq_jax/export.py)."""
+  c.export = ml_collections.ConfigDict()
+  c.export.fold_bn = False  # True: store each conv's BatchNorm folded into a per-channel scale and shift
+  # Test images on which the loaded export's logits are compared with the masked model's (0: no check).
+  c.export.check_images = 100
   return c

@@ -60,6 +60,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                        'off).')
     if ft.distill_temperature <= 0:
       raise ValueError(f'finetune.distill_temperature={ft.distill_temperature} must be > 0 (4 is usual).')
+    if config.export.check_images < 0:
+      raise ValueError(f'export.check_images={config.export.check_images} must be >= 0 (0 skips the check).')
     if ft.precise_bn_batches < 0:
       raise ValueError(f'finetune.precise_bn_batches={ft.precise_bn_batches} must be >= 0 (0 keeps the running '
                        'BatchNorm statistics).')

@@ -314,10 +314,12 @@ def load_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return policy
 
 
-def export_run(config: ml_collections.ConfigDict, workdir: str, fold_bn: bool = False) -> dict:
+def export_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Stage 8: the fine-tuned, quantized model as a slimmed, integer-coded file (<workdir>/model_export.npz).
 
-  Returns the size report (dense FP32 bytes, file bytes, ratio).
+  BatchNorm folded or kept as config.export.fold_bn says. Returns the size report (dense FP32 bytes, file
+  bytes, ratio) and, on config.export.check_images test images, the largest |logit difference| between the
+  loaded export and the masked fake-quantized model.
   """
   from picpq_jax import export  # pylint: disable=g-import-not-at-top
   policy = load_policy(config, workdir)
@@ -330,8 +332,16 @@ def export_run(config: ml_collections.ConfigDict, workdir: str, fold_bn: bool = 
   masks, bits = policy_arrays(policy)
   info = data.dataset_info(config.data)
   spec = models.get_spec(config.model.arch, info.num_classes, info.image_size, info.in_channels)
-  return export.export_model(os.path.join(workdir, EXPORT), spec, variables, masks, bits, fold_bn=fold_bn,
-                             meta={'dataset': config.data.name})
+  path = os.path.join(workdir, EXPORT)
+  report = export.export_model(path, spec, variables, masks, bits, fold_bn=config.export.fold_bn,
+                               meta={'dataset': config.data.name})
+  n = config.export.check_images
+  if n > 0:
+    n = min(n, info.num_test)
+    images = data.fixed_batches(config.data, 'test', n, 1, seed=config.seed, train=False)['image'][0]
+    diff = export.logit_difference(path, spec, variables, masks, bits, images)
+    report = {**report, 'checked_images': n, 'max_logit_difference': float(diff.max())}
+  return report
 
 
 def finetune_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -143,6 +143,13 @@ def markdown(summary: dict) -> str:
       '', '| layer | kept | bits | chain |', '|---|---|---|---|',
   ]
   lines += [f'| {r["layer"]} | {r["kept"]}/{r["channels"]} | {r["bits"]} | {r["chain"]} |' for r in s['layers']]
+  e = s.get('export')
+  if e:
+    lines += ['', '| export (slimmed, integer codes) | dense FP32 | file | ratio |', '|---|---|---|---|',
+              f'| bytes | {e["dense_fp32_bytes"]:,} | {e["export_bytes"]:,} | {e["ratio"]:.2f}x |']
+    if e.get('checked_images'):
+      lines += ['', f'The loaded export\'s logits differ from the masked, fake-quantized model\'s by at most '
+                    f'{e["max_logit_difference"]:.2e} on {e["checked_images"]} test images.']
   lines += ['', '| stage | wall time (s) |', '|---|---|']
   lines += [f'| {k} | {v:.0f} |' for k, v in s['wall_time_s'].items() if v is not None]
   return '\n'.join(lines) + '\n'

@@ -59,6 +59,12 @@ def test_finetune_stages_keep_pruned_weights_zero(tmp_path):
   assert again['accuracy'] == pytest.approx(tuned['test']['accuracy'])
   rows = [json.loads(l) for l in open(tmp_path / 'finetune_weight_act.jsonl')]
   assert len(rows) == 2
+  # The export of the fine-tuned model: its loaded, slimmed network gives the masked model's logits.
+  (tmp_path / 'policy.json').write_text(json.dumps({**policy, 'arch': 'resnet20', 'dataset': 'mnist5k'}))
+  config.export.check_images = 50
+  exported = pipeline.export_run(config, workdir)
+  assert exported['checked_images'] == 50 and exported['max_logit_difference'] <= 1e-4
+  assert exported['export_bytes'] < exported['dense_fp32_bytes'] / 4
 
 
 def test_finetune_and_export_need_a_complete_search_workdir(tmp_path):

@@ -37,6 +37,12 @@ def test_markdown_and_tradeoff_plot(tmp_path):
   text = report.markdown(dict(base, compressed_test_accuracy=0.97, accuracy_drop=0.01))
   assert '| BOPs | 41.00 G | 1.000 G | 41.00x |' in text
   assert '| test accuracy | 98.00 % | 97.00 % | drop 1.00 % |' in text
+  assert 'export' not in text
+  exported = {'dense_fp32_bytes': 1077736, 'export_bytes': 50497, 'ratio': 1077736 / 50497, 'checked_images': 100,
+              'max_logit_difference': 2.5e-6}
+  text = report.markdown(dict(base, compressed_test_accuracy=0.97, accuracy_drop=0.01, export=exported))
+  assert '| bytes | 1,077,736 | 50,497 | 21.34x |' in text
+  assert 'at most 2.50e-06 on 100 test images' in text
   points = report.plot_tradeoff(str(tmp_path))
   assert sorted(p['bops_compression'] for p in points) == [41.0, 60.0]
   assert (tmp_path / 'tradeoff.png').stat().st_size > 1000
