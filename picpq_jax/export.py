@@ -51,14 +51,15 @@ loads as BatchNorm variables that make BN the affine map: scale = s, bias = t, m
 (rounded so that var + eps == 1 in float32; Flax computes (x - mean) * scale * rsqrt(var + eps) + bias =
 x * s + t), so the same `Net` runs both kinds of export.
 
-How equal is "equal": both models convolve the same integer codes (quant.py), whose sums are exact in float32
-in any order while they stay below 2^24 in magnitude (|sum| <= fan-in x n_act x n_weight: guaranteed for 4-bit
-weights and activations up to a fan-in of 159,783; at 8/8 bits a sum past 2^24 over a 3 x 3 x 64 fan-in needs
-90 % of all products at their extreme, same sign), and scale the sum by the same float32 step; BatchNorm, residual adds and activation
-quantizers then see bit-identical inputs. So an unfolded export gives the masked model's logits up to the
-order of the head's final sum (~1e-6). Folding BN rounds the affine map differently, which can move a rare
-activation across a quantizer's rounding step (~0.1 on that image). A 32-bit layer other than the stem
-convolves floats and shares that risk. `logit_difference` measures it.
+How equal is "equal": both models convolve the same integer codes (quant.py) and scale each sum by the same
+float32 step. Sums of integer products are exact in float32 in any order while below 2^24 in magnitude
+(|sum| <= fan-in x n_act x n_weight: guaranteed at 4-bit weights and activations up to a fan-in of 159,783;
+at 8/8 bits over a 3 x 3 x 64 fan-in, a sum past 2^24 needs 90 % of all products at their extreme with one
+sign). So BatchNorm, residual adds and activation quantizers see bit-identical inputs, and an unfolded export
+gives the masked model's logits up to the order of the head's final sum (~1e-6). Folding BN rounds the affine
+map differently, which can move a rare activation across a quantizer's rounding step (~0.1 on that image).
+32-bit layers convolve floats: the stem reads the same image channels in both models; any other 32-bit layer
+shares folding's risk. `logit_difference` measures it.
 """
 from __future__ import annotations
 

@@ -165,9 +165,10 @@ def precise_batch_stats(batch_stats_step: Callable, variables, batches: Iterable
                         mesh: Mesh, masks=None, bits=None) -> Any:
   """BatchNorm running statistics replaced by the mean of the batch statistics over `batches` ("precise BN").
 
-  The running averages lag the weights by ~1 / (1 - momentum) steps; under quantization-aware training the
-  quantized weights flip between steps, and the lagging statistics cost validation accuracy (the demo's
-  first 2-bit epoch: 67 % validation against 92 % training). Returns a new batch_stats tree.
+  The running averages lag the weights by ~1 / (1 - momentum) steps, and after pruning or quantization the
+  weights move fast (quantized ones flip between steps). In the demo's first fine-tuning epoch with masks,
+  validation accuracy was 48.6 % with the running averages and 91.4 % with these; in the first epoch with
+  2-bit weights, 85.2 % and 94.0 %. Returns a new batch_stats tree.
   """
   total, n = None, 0
   for batch in batches:

@@ -45,6 +45,25 @@ def test_weight_quant_levels(bits):
   assert len(np.unique(np.round(codes))) <= 2 ** bits - 1
 
 
+@pytest.mark.parametrize('bits', [1, 2, 3, 5, 8, 16])
+def test_codes_are_integers_and_read_back_from_the_quantized_kernel(bits):
+  w = jax.random.normal(jax.random.key(bits), (3, 3, 8, 16)) * 0.3
+  codes, step = jax.jit(quant.weight_codes)(w, jnp.int32(bits))
+  codes = np.asarray(codes)
+  np.testing.assert_array_equal(codes, np.round(codes))
+  n = 1 if bits == 1 else 2 ** (bits - 1) - 1
+  assert np.abs(codes).max() == n
+  np.testing.assert_array_equal(codes * np.float32(step), np.asarray(quant.weight_quant(w, bits)))
+  # An export's slim model holds weight_quant's output and must recover the same codes and step exactly.
+  back, back_step = jax.jit(quant.grid_weight_codes)(quant.weight_quant(w, bits), jnp.int32(bits))
+  np.testing.assert_array_equal(np.asarray(back), codes)
+  assert float(back_step) == float(step)
+  x = jax.random.uniform(jax.random.key(1), (500,), minval=-0.5, maxval=1.5)
+  a_codes, a_step = quant.act_codes(x, bits)
+  assert set(np.unique(np.asarray(a_codes))) <= set(range(2 ** bits))
+  np.testing.assert_array_equal(np.asarray(a_codes * a_step), np.asarray(quant.act_quant(x, bits)))
+
+
 def test_traced_bits_match_static():
   w = jax.random.normal(jax.random.key(0), (50,))
   x = jax.random.uniform(jax.random.key(1), (50,), minval=-0.5, maxval=1.5)

@@ -23,8 +23,9 @@ class MaskedQConv(nn.Module):
   With `bits = (w_bits, a_bits)` the input goes through the k-bit activation quantizer (which takes the place
   of the ReLU before this conv) and the kernel through the k-bit weight quantizer; bits may be traced
   arrays, 32 = full precision. `spec.kernel_on_grid` (an export's slim model): the kernel already holds
-  quantized weights, whose codes are read back instead of quantizing again. The conv output before BatchNorm is sown as intermediates['conv'], where the
-  feature-map rank is taken. Returns the pre-activation (B, H', W', out_channels).
+  quantized weights, whose codes are read back instead of quantizing again. The conv output before
+  BatchNorm is sown as intermediates['conv'], where the feature-map rank is taken. Returns the
+  pre-activation (B, H', W', out_channels).
   """
   spec: ConvSpec
 
