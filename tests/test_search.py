@@ -146,4 +146,6 @@ def test_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
   full_policy, resumed_policy = (json.load(open(d / 'policy.json')) for d in (full, killed))
   assert full_policy['masks'] == resumed_policy['masks'] and full_policy['bits'] == resumed_policy['bits']
   summary = full_policy['summary']
-  assert summary['flops'] < 0.5 * summary['flops_dense']  # the demo's FLOPs target is met
+  from configs import demo_mnist5k  # pylint: disable=g-import-not-at-top
+  keep = demo_mnist5k.get_config().search.keep_fraction
+  assert summary['flops'] <= keep * summary['flops_dense']  # the demo's FLOPs target is met
