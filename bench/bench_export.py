@@ -15,7 +15,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -28,47 +27,11 @@ from picpq_jax import xla_setup  # noqa: E402  (before JAX starts)
 xla_setup.configure_cpu()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from picpq_jax import bits as bits_lib  # noqa: E402
 from picpq_jax import export, models, topology  # noqa: E402
-
-
-def random_variables(spec, seed=0):
-  shapes = jax.eval_shape(lambda: models.Net(spec).init(
-      jax.random.key(0), jnp.zeros((1, spec.image_size, spec.image_size, spec.in_channels))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['kernel']"):
-      fan_out = leaf.shape[-1] * (leaf.shape[0] * leaf.shape[1] if leaf.ndim == 4 else 1)
-      return rng.normal(0, math.sqrt(2 / fan_out), leaf.shape).astype(np.float32)
-    if name.endswith("['var']"):
-      return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-    if name.endswith("['scale']"):
-      return (1 + 0.3 * rng.normal(size=leaf.shape)).astype(np.float32)
-    return (0.3 * rng.normal(size=leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def random_masks(topo, keep, seed=0):
-  rng = np.random.default_rng(seed)
-  by_chain, masks = {}, {}
-  for layer in topo.layers:
-    width = (max(topo.layer(m).out_channels for m in topo.chains[layer.chain]) if layer.chain
-             else layer.out_channels)
-    if layer.chain is None or layer.chain not in by_chain:
-      m = (rng.random(width) < keep).astype(np.float32)
-      m[:2] = 1.0
-      if layer.chain is not None:
-        by_chain[layer.chain] = m
-    else:
-      m = by_chain[layer.chain]
-    masks[layer.name] = m[:layer.out_channels]
-  return masks
+from picpq_jax.testing import random_masks, random_variables  # noqa: E402
 
 
 def main():
@@ -84,7 +47,7 @@ def main():
   spec = models.get_spec(args.arch, args.classes, args.image_size, args.in_channels)
   topo = topology.topology_from_spec(spec)
   variables = random_variables(spec)
-  masks = random_masks(topo, args.keep)
+  masks = random_masks(topo, np.random.default_rng(0), args.keep)
   bits = bits_lib.assign_bits(topo, variables['params'], masks)
   print(f'{args.arch}: {topo.num_layers} convs, bits {sorted(set(bits.values()))}, '
         f'keep ~{args.keep:.0%} of channels; {jax.devices()[0].platform}')

@@ -30,25 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from picpq_jax import criteria, models  # noqa: E402
-
-
-def random_variables(model, image_shape, seed=0):
-  """He-normal kernels, random BN statistics, filled from numpy (compiling model.init's initializers on
-  XLA CPU takes longer than the whole benchmark)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if 'kernel' in name:
-      return rng.standard_normal(leaf.shape).astype(np.float32) * np.sqrt(2.0 / leaf.shape[-1])
-    if 'var' in name:
-      return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-    if 'scale' in name:
-      return (1.0 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
-    return (0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+from picpq_jax.testing import random_variables  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -86,7 +68,7 @@ def main():
   args = parser.parse_args()
 
   model = models.create_model(args.arch, 10, 32, 3)
-  variables = random_variables(model, (32, 32, 3))
+  variables = random_variables(model.spec, spread=0.2)
   images = np.random.default_rng(1).standard_normal((args.batches, args.batch_size, 32, 32, 3), np.float32)
 
   start = time.perf_counter()

@@ -200,7 +200,7 @@ def test_bits_tree_feeds_the_model():
 def test_traced_bits_equal_host_bits(arch):
   """The jitted twin used inside the search gives the host rule's bits on random chain-respecting masks."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tests.test_models import random_masks  # pylint: disable=g-import-not-at-top
+  from picpq_jax.testing import random_masks  # pylint: disable=g-import-not-at-top
   topo = topology.get_topology(arch, 10, 16, 3)
   rng = np.random.default_rng(7)
   params = {l.name: {'kernel': rng.normal(size=(l.kernel, l.kernel, l.in_channels // l.groups,

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picpq_jax import calibration, models
-from tests.test_models import random_masks
+from picpq_jax.testing import random_masks
 from picpq_jax import topology
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from picpq_jax import criteria, models
+from picpq_jax.testing import random_variables
 
 
 def known_rank_maps(rng, n=3, h=8, w=6):
@@ -64,31 +65,11 @@ def test_feature_map_rank_averages_over_images():
   np.testing.assert_array_equal(criteria.feature_map_rank(jnp.asarray(maps)), numpy_ranks(maps).mean(0))
 
 
-def random_variables(model, image_shape, seed=0):
-  """Variables of `model` filled from numpy: He-normal kernels, BN with random statistics and affine terms
-  (negative gammas included). Shapes come from `jax.eval_shape`, so nothing is compiled: on XLA CPU,
-  compiling `model.init`'s random initializers costs tens of seconds."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if 'kernel' in name:
-      return rng.standard_normal(leaf.shape).astype(np.float32) * np.sqrt(2.0 / leaf.shape[-1])
-    if 'var' in name:
-      return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-    if 'scale' in name:
-      return (1.0 + 0.5 * rng.standard_normal(leaf.shape)).astype(np.float32)
-    return (0.5 * rng.standard_normal(leaf.shape)).astype(np.float32)  # BN bias and mean, dense bias
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @pytest.fixture(scope='module')
 def tiny_model():
   """ResNet-20 on 16x16x1 images, random variables, and two batches of 4 images."""
   model = models.create_model('resnet20', 10, 16, 1)
-  variables = random_variables(model, (16, 16, 1))
+  variables = random_variables(model.spec, spread=0.5)  # some negative gammas
   images = np.random.default_rng(2).standard_normal((2, 4, 16, 16, 1)).astype(np.float32)
   images[1, 0] = 0.0  # an all-zero image: its stem maps are all zero (no conv bias), rank 0
   return model, variables, images

@@ -11,51 +11,12 @@ import pytest
 
 from picpq_jax import data, export, models, quant, topology
 from picpq_jax.bits import bits_tree
+from picpq_jax.testing import random_masks, random_variables
 
 NUM_CLASSES = 10
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def random_variables(spec, seed=0):
-  """Variables of Net(spec) from `jax.eval_shape` shapes (no compile) with numpy random values: He-normal
-  kernels, random BN affine parameters and running statistics (so masking or folding errors cannot hide)."""
-  model = models.Net(spec)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, spec.image_size, spec.image_size, spec.in_channels))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['kernel']"):
-      fan_out = leaf.shape[-1] * (leaf.shape[0] * leaf.shape[1] if leaf.ndim == 4 else 1)
-      return rng.normal(0, math.sqrt(2 / fan_out), leaf.shape).astype(np.float32)
-    if name.endswith("['var']"):
-      return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-    if name.endswith("['scale']"):
-      return (1 + 0.3 * rng.normal(size=leaf.shape)).astype(np.float32)
-    return (0.3 * rng.normal(size=leaf.shape)).astype(np.float32)  # BN bias and mean, dense bias
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def chain_masks(topo, rng, keep_prob=0.6):
-  """One mask per chain (a member of width n gets chain_mask[:n]); every layer keeps at least one channel."""
-  by_chain, masks = {}, {}
-  for layer in topo.layers:
-    if layer.chain is not None:
-      if layer.chain not in by_chain:
-        width = max(topo.layer(m).out_channels for m in topo.chains[layer.chain])
-        m = (rng.random(width) < keep_prob).astype(np.float32)
-        m[0] = 1.0
-        by_chain[layer.chain] = m
-      masks[layer.name] = by_chain[layer.chain][:layer.out_channels]
-    else:
-      m = (rng.random(layer.out_channels) < keep_prob).astype(np.float32)
-      m[rng.integers(layer.out_channels)] = 1.0
-      masks[layer.name] = m
-  return masks
 
 
 def mnist_images(size):
@@ -79,7 +40,7 @@ class Case:
     self.spec = models.get_spec(arch, NUM_CLASSES, size, 1)
     self.topo = topology.topology_from_spec(self.spec)
     self.variables = random_variables(self.spec, seed)
-    self.masks = chain_masks(self.topo, np.random.default_rng(seed + 1))
+    self.masks = random_masks(self.topo, np.random.default_rng(seed + 1))
     self.keep = {n: np.flatnonzero(m) for n, m in self.masks.items()}
     self.x = mnist_images(size)
     # jax.jit(models.Net(spec).apply), cached by spec: shared with export.logit_difference's compiles.
@@ -250,7 +211,7 @@ def test_loaded_variables_fit_the_slim_module(arch, channels, tmp_path):
   """VGG's head (Dense -> BN) and ResNet-18's projection chains round-trip; the loaded variables have exactly
   the structure, shapes and dtypes of the slim module's own (no apply: compiling these is slow on CPU)."""
   spec = models.get_spec(arch, NUM_CLASSES, 32, channels)
-  masks = chain_masks(topology.topology_from_spec(spec), np.random.default_rng(0))
+  masks = random_masks(topology.topology_from_spec(spec), np.random.default_rng(0))
   rng = np.random.default_rng(1)
   bits = {c.name: 32 if c.source is None else int(rng.choice([1, 2, 5, 8, 32])) for c in spec.convs}
   path = str(tmp_path / 'm.npz')
@@ -327,7 +288,7 @@ def test_bad_input_is_a_value_error(tmp_path):
   spec = models.get_spec('resnet20', NUM_CLASSES, 32, 1)
   topo = topology.topology_from_spec(spec)
   variables = random_variables(spec)
-  masks = chain_masks(topo, np.random.default_rng(0))
+  masks = random_masks(topo, np.random.default_rng(0))
   path = str(tmp_path / 'm.npz')
   with pytest.raises(ValueError, match='layer9_0_conv1'):
     export.export_model(path, spec, variables, {**masks, 'layer9_0_conv1': np.ones(16)}, {})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from picpq_jax import pipeline, pruning, topology, training
-from tests.test_models import random_masks
+from picpq_jax.testing import random_masks
 from tests.test_training import tiny_config
 
 

@@ -5,40 +5,7 @@ import numpy as np
 import pytest
 
 from picpq_jax import export, models, topology
-
-
-def random_variables(model, key, shape):
-  """Init, then randomize BN statistics and affine parameters so that masking errors cannot hide."""
-  variables = model.init(key, jnp.zeros((1, *shape)), train=False)
-  leaves, tree = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  out = []
-  for k, (path, leaf) in zip(keys, jax.tree_util.tree_flatten_with_path(variables)[0]):
-    name = jax.tree_util.keystr(path)
-    if 'var' in name:
-      leaf = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=2.0)
-    elif 'mean' in name or "'bias'" in name or 'scale' in name:
-      leaf = leaf + 0.3 * jax.random.normal(k, leaf.shape)
-    out.append(leaf)
-  return jax.tree.unflatten(tree, out)
-
-
-def random_masks(topo, rng, keep_prob=0.6):
-  """One shared mask per chain (member of width n gets chain_mask[:n]); at least one channel kept."""
-  chain_masks, masks = {}, {}
-  for layer in topo.layers:
-    if layer.chain is not None:
-      width = max(topo.layer(m).out_channels for m in topo.chains[layer.chain])
-      if layer.chain not in chain_masks:
-        m = (rng.random(width) < keep_prob).astype(np.float32)
-        m[0] = 1.0
-        chain_masks[layer.chain] = m
-      masks[layer.name] = chain_masks[layer.chain][:layer.out_channels]
-    else:
-      m = (rng.random(layer.out_channels) < keep_prob).astype(np.float32)
-      m[rng.integers(layer.out_channels)] = 1.0
-      masks[layer.name] = m
-  return masks
+from picpq_jax.testing import random_masks, random_variables
 
 
 @pytest.mark.parametrize('arch,size,channels', [('resnet20', 16, 3), ('mobilenetv2', 16, 3), ('resnet18', 32, 2)])
@@ -46,7 +13,7 @@ def test_masked_model_equals_slimmed_model(arch, size, channels):
   spec = models.get_spec(arch, 7, size, channels)
   topo = topology.topology_from_spec(spec)
   model = models.Net(spec)
-  variables = random_variables(model, jax.random.key(0), (size, size, channels))
+  variables = random_variables(spec)
   masks = random_masks(topo, np.random.default_rng(0))
   x = jax.random.normal(jax.random.key(2), (3, size, size, channels))
   apply = jax.jit(lambda masks: model.apply(variables, x, train=False, masks=masks))
@@ -66,13 +33,14 @@ def test_masked_model_equals_slimmed_model(arch, size, channels):
 def test_no_masks_equals_all_ones_and_32_bits():
   spec = models.get_spec('resnet20', 10, 16, 1)
   model = models.Net(spec)
-  variables = random_variables(model, jax.random.key(0), (16, 16, 1))
+  variables = random_variables(spec)
   x = jax.random.normal(jax.random.key(3), (2, 16, 16, 1))
   apply = jax.jit(lambda masks, bits: model.apply(variables, x, masks=masks, bits=bits))
   dense = apply(None, None)
   ones = {c.name: jnp.ones(c.out_channels) for c in spec.convs}
   full = {c.name: jnp.array([32, 32]) for c in spec.convs}
-  np.testing.assert_allclose(apply(ones, full), dense, atol=1e-6)
+  # Equal up to float32 rounding, which scales with the logits (~20 with these random variables).
+  np.testing.assert_allclose(apply(ones, full), dense, atol=1e-6 * float(np.abs(dense).max()))
   low = {c.name: jnp.array([4, 4]) for c in spec.convs[1:]}
   assert np.abs(np.asarray(apply(None, low)) - np.asarray(dense)).max() > 1e-3
 

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from configs import demo_mnist5k
 from picpq_jax import checkpoints, models, training
+from picpq_jax.testing import random_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,9 +42,8 @@ def test_four_devices_give_the_same_losses_as_one():
 def test_precise_batch_stats_are_the_mean_batch_statistics():
   """Each BatchNorm's precise statistics are the mean over batches of its input's per-channel batch mean and
   (biased) variance, here read from the conv outputs a training-mode forward sows (computed another way)."""
-  from tests.test_criteria import random_variables
   model = models.create_model('resnet20', 10, 16, 1)
-  variables = jax.tree.map(lambda a: np.asarray(a, np.float32), random_variables(model, (16, 16, 1)))
+  variables = random_variables(model.spec)
   rng = np.random.default_rng(0)
   batches = [{'image': rng.normal(size=(8, 16, 16, 1)).astype(np.float32)} for _ in range(2)]
   bits = {c.name: 32 if c.source is None else 4 for c in model.spec.convs}  # the quantized path
@@ -83,10 +83,9 @@ def test_distillation_loss_known_answers():
 
 def test_train_step_distills_from_the_teacher():
   """The step's loss is (1 - w) CE + w KD with the teacher's eval-mode logits, each computed separately."""
-  from tests.test_criteria import random_variables
   model = models.create_model('resnet20', 10, 16, 1)
-  student = jax.tree.map(lambda a: np.asarray(a, np.float32), random_variables(model, (16, 16, 1), seed=0))
-  teacher = jax.tree.map(lambda a: np.asarray(a, np.float32), random_variables(model, (16, 16, 1), seed=1))
+  student = random_variables(model.spec, seed=0)
+  teacher = random_variables(model.spec, seed=1)
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
            'label': rng.integers(0, 10, 8).astype(np.int32)}
