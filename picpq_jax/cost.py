@@ -7,6 +7,12 @@ channel outright). The first dense layer reads the kept channels of `topology.he
 average pooling; the dense layers after it are never pruned. BOPs weight each conv's MACs by its weight and
 activation bits and the dense layers' by 32 x 32.
 
+Weight-level (unstructured) pruning (BASELINES.md, "A common cost ledger") is counted by `nonzero`, a (..., L)
+array of each conv's nonzero kernel entries within its kept channels: sparse BOPs scale each conv's MACs by
+its density nonzero / kernel entries of the kept channels, and weight bits (the model size) are
+sum_l nonzero_l * w_bits_l plus the dense layers' kernels at 32 bits. `nonzero_weights` counts them from
+weight masks.
+
 Every function is pure jnp over `keep`, a (..., L) array of kept output channels per prunable layer in
 forward order (floats or ints; any leading batch axes), so it runs under jit and vmap; the topology is a
 closed-over constant whose numpy index arrays are baked into the trace. This is the only copy of these
@@ -105,15 +111,90 @@ def flops(topology: Topology, keep: Any) -> jax.Array:
   return jnp.sum(layer_macs(topology, keep), axis=-1) + dense_macs(topology, keep)
 
 
+def _bit_operations(topology: Topology, keep: jax.Array, conv_macs: jax.Array, w_bits: Any,
+                    a_bits: Any) -> jax.Array:
+  """(...,) float32 sum_l conv_macs_l * w_bits_l * a_bits_l + dense MACs * 32 * 32 (keep: float32)."""
+  w_bits, a_bits = jnp.asarray(w_bits, jnp.float32), jnp.asarray(a_bits, jnp.float32)
+  conv = jnp.sum(conv_macs * w_bits * a_bits, axis=-1)
+  return conv + dense_macs(topology, keep) * DENSE_BITS * DENSE_BITS
+
+
 def bops(topology: Topology, keep: Any, w_bits: Any, a_bits: Any) -> jax.Array:
   """(...,) bit-operations: sum_l MACs_l * w_bits_l * a_bits_l + dense MACs * 32 * 32, as float32.
 
   w_bits, a_bits: (L,) (or broadcastable to keep's shape) weight / activation bits per layer.
   """
   keep = _as_keep(keep).astype(jnp.float32)
-  w_bits, a_bits = jnp.asarray(w_bits, jnp.float32), jnp.asarray(a_bits, jnp.float32)
-  conv = jnp.sum(layer_macs(topology, keep) * w_bits * a_bits, axis=-1)
-  return conv + dense_macs(topology, keep) * DENSE_BITS * DENSE_BITS
+  return _bit_operations(topology, keep, layer_macs(topology, keep), w_bits, a_bits)
+
+
+def kernel_entries(topology: Topology, keep: Any) -> jax.Array:
+  """(..., L) kernel entries of each conv within its kept channels, in keep's dtype:
+  k * k * (c_in_kept / groups) * c_out_kept (k * k * c_out_kept if depthwise)."""
+  keep = _as_keep(keep)
+  return _const(_tables(topology).kernel_area, keep.dtype) * _input_channels_per_group(topology, keep) * keep
+
+
+def dense_weights(topology: Topology, keep: Any) -> jax.Array:
+  """(...,) kernel entries of the dense head (biases and BatchNorm excluded), in keep's dtype.
+
+  Each dense weight does one multiply-accumulate per image, so these are exactly `dense_macs`.
+  """
+  return dense_macs(topology, keep)
+
+
+def nonzero_weights(topology: Topology, keep: Any, weight_masks: Mapping[str, Any]) -> jax.Array:
+  """(..., L) float32 nonzero kernel entries per conv: what `sparse_bops` and `weight_bits` take as `nonzero`.
+
+  keep: (..., L) kept output channels per layer. weight_masks: layer name -> (..., k, k, c_in / groups, c_out)
+  array (HWIO, the kernel's shape) whose nonzero entries are the live weights: a 0/1 mask or the quantized
+  kernel itself. A layer absent from weight_masks has every entry of its kept channels live
+  (`kernel_entries`).
+
+  The entries of pruned channels must already be zero: pass the masks through
+  `pruning.zero_pruned_weights`, the one rule for which kernel entries a channel mask removes (cost.py cannot
+  import it: pruning.py imports cost.py). Counted here, a weight of a pruned channel would count as live.
+  """
+  for name in weight_masks:
+    topology.index(name)  # raises for a name the model does not have
+  dense = kernel_entries(topology, _as_keep(keep).astype(jnp.float32))
+  counts = [jnp.sum(jnp.asarray(weight_masks[l.name]) != 0, axis=(-4, -3, -2, -1)).astype(jnp.float32)
+            if l.name in weight_masks else dense[..., i] for i, l in enumerate(topology.layers)]
+  batch = jnp.broadcast_shapes(*(jnp.shape(c) for c in counts))
+  return jnp.stack([jnp.broadcast_to(c, batch) for c in counts], axis=-1)
+
+
+def density(topology: Topology, keep: Any, nonzero: Any) -> jax.Array:
+  """(..., L) float32 nonzero / kernel entries of the kept channels per conv (0 for a conv with none kept).
+
+  nonzero: (..., L) nonzero kernel entries per conv within its kept channels (`nonzero_weights`).
+  """
+  entries = kernel_entries(topology, _as_keep(keep).astype(jnp.float32))
+  nonzero = jnp.asarray(nonzero, jnp.float32)
+  return jnp.where(entries > 0, nonzero / jnp.maximum(entries, 1.0), 0.0)
+
+
+def sparse_bops(topology: Topology, keep: Any, nonzero: Any, w_bits: Any, a_bits: Any) -> jax.Array:
+  """(...,) bit-operations on hardware that skips zero weights, as float32:
+  sum_l MACs_l * density_l * w_bits_l * a_bits_l + dense MACs * 32 * 32.
+
+  nonzero: (..., L) nonzero kernel entries per conv within its kept channels (`nonzero_weights`). Equal to
+  `bops`, bit for bit, when nonzero = `kernel_entries` (nothing pruned inside a kernel: density is exactly 1).
+  """
+  keep = _as_keep(keep).astype(jnp.float32)
+  conv_macs = layer_macs(topology, keep) * density(topology, keep, nonzero)
+  return _bit_operations(topology, keep, conv_macs, w_bits, a_bits)
+
+
+def weight_bits(topology: Topology, keep: Any, nonzero: Any, w_bits: Any) -> jax.Array:
+  """(...,) bits to store the weights, as float32: sum_l nonzero_l * w_bits_l + dense kernel entries * 32.
+
+  The model-size figure (BASELINES.md, "A common cost ledger"): conv and dense kernels only; BatchNorm and
+  biases are not counted, nor the positions of the zeros. nonzero: as in `sparse_bops`; w_bits: (L,).
+  """
+  keep = _as_keep(keep).astype(jnp.float32)
+  conv = jnp.sum(jnp.asarray(nonzero, jnp.float32) * jnp.asarray(w_bits, jnp.float32), axis=-1)
+  return conv + dense_weights(topology, keep) * DENSE_BITS
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,11 +230,9 @@ def params(topology: Topology, keep: Any) -> jax.Array:
   statistics live in `batch_stats`, not `params`, and are not counted.
   """
   keep = _as_keep(keep)
-  t = _tables(topology)
-  kernels = _const(t.kernel_area, keep.dtype) * _input_channels_per_group(topology, keep) * keep
   per_input, fixed = _head_params(topology)
-  head = keep[..., t.head_source] * per_input + _const(fixed, keep.dtype)
-  return jnp.sum(kernels + 2 * keep, axis=-1) + head
+  head = keep[..., _tables(topology).head_source] * per_input + _const(fixed, keep.dtype)
+  return jnp.sum(kernel_entries(topology, keep) + 2 * keep, axis=-1) + head
 
 
 def dense_keep(topology: Topology) -> np.ndarray:

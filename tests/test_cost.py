@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from picpq_jax import cost, models
+from picpq_jax import cost, models, pruning
 from picpq_jax.topology import Layer, Topology, get_topology
 
 # (arch, classes, image size): the CIFAR models at 32x32, the ImageNet ones at 224x224.
@@ -169,3 +169,130 @@ def test_keep_counts_and_dense_keep():
   np.testing.assert_array_equal(counts, np.tile(expected, (2, 1)))
   with pytest.raises(ValueError, match='no prunable layer'):
     cost.keep_counts(t, {'conv9': np.ones(3)})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sparse BOPs and weight bits (BASELINES.md, "A common cost ledger")
+# --------------------------------------------------------------------------------------------------------
+
+
+def two_layer_topology():
+  """3x3 conv 'a' 2->3 at 4x4; 1x1 conv 'b' 3->2 at 4x4 reading 'a'; dense 2->4 reading 'b' (by hand)."""
+  layer = lambda **kw: Layer(**{'stride': 1, 'groups': 1, 'chain': None, 'b_max': 8, **kw})
+  return Topology('two', 4, 2, (
+      layer(name='a', index=0, in_channels=2, out_channels=3, kernel=3, out_height=4, out_width=4, source=None,
+            consumers=('b',)),
+      layer(name='b', index=1, in_channels=3, out_channels=2, kernel=1, out_height=4, out_width=4, source='a',
+            consumers=('fc',))), head_source='b', head_out_features=4, head_fixed_macs=0)
+
+
+def weight_masks_with_pruned_channels_zeroed(topology, weight_masks, channel_masks):
+  """The weight masks with the entries of pruned channels zeroed by pruning's one rule."""
+  params = {name: {'kernel': jnp.asarray(m, jnp.float32), 'bn': {}} for name, m in weight_masks.items()}
+  zeroed = pruning.zero_pruned_weights(topology, params, channel_masks)
+  return {name: zeroed[name]['kernel'] for name in weight_masks}
+
+
+def test_hand_worked_sparse_bops_and_weight_bits():
+  t = two_layer_topology()
+  channel_masks = {'a': np.array([1.0, 1.0, 0.0])}  # a loses output channel 2, so b loses input channel 2
+  keep = cost.keep_counts(t, channel_masks)
+  np.testing.assert_array_equal(keep, [2, 2])
+  mask_a = np.ones((3, 3, 2, 3))
+  mask_a[0, :, 0, 0] = 0  # 3 entries of a kept filter
+  mask_a[1, 1, 1, 1] = 0
+  mask_a[2, 2, :, 1] = 0  # 2 more: 6 zeros in the kept filters 0 and 1
+  mask_a[:, :, 0, 2] = 0  # 9 zeros in the pruned filter 2: they were removed with it, not by the mask
+  mask_b = np.ones((1, 1, 3, 2))
+  mask_b[0, 0, 0, 1] = 0  # one zero among the kept (input 0..1) x (output 0..1) entries
+  mask_b[0, 0, 2, 0] = 0  # input 2 is pruned: already removed
+  masks = weight_masks_with_pruned_channels_zeroed(t, {'a': mask_a, 'b': mask_b}, channel_masks)
+  nonzero = cost.nonzero_weights(t, keep, masks)
+  # a: 3 * 3 * 2 inputs * 2 kept outputs = 36 entries, 6 zeros; b: 1 * 1 * 2 * 2 = 4 entries, 1 zero.
+  np.testing.assert_array_equal(cost.kernel_entries(t, keep), [36, 4])
+  np.testing.assert_array_equal(nonzero, [30, 3])
+  np.testing.assert_allclose(cost.density(t, keep, nonzero), [30 / 36, 3 / 4], rtol=2 ** -23)
+  w_bits, a_bits = np.array([8, 4]), np.array([8, 2])
+  macs_a, macs_b, macs_fc = 4 * 4 * 9 * 2 * 2, 4 * 4 * 1 * 2 * 2, 2 * 4  # 576, 64, 8
+  dense_bops = macs_a * 8 * 8 + macs_b * 4 * 2 + macs_fc * 32 * 32
+  sparse = macs_a * 30 / 36 * 8 * 8 + macs_b * 3 / 4 * 4 * 2 + macs_fc * 32 * 32  # 480 and 48 effective MACs
+  assert dense_bops == 36864 + 512 + 8192 == 45568
+  assert sparse == 30720 + 384 + 8192 == 39296
+  assert float(cost.bops(t, keep, w_bits, a_bits)) == dense_bops
+  # density 30/36 is rounded in float32; a few roundings of the total are the tolerance.
+  assert float(cost.sparse_bops(t, keep, nonzero, w_bits, a_bits)) == pytest.approx(sparse, rel=4 * 2 ** -23)
+  # weight bits: 30 weights at 8 bits, 3 at 4, the classifier's 2 x 4 kernel at 32 (its bias is not a weight).
+  assert float(cost.weight_bits(t, keep, nonzero, w_bits)) == 30 * 8 + 3 * 4 + 8 * 32 == 508
+
+
+def test_a_layer_without_weight_mask_is_dense_within_its_kept_channels():
+  t = two_layer_topology()
+  keep = np.array([2.0, 1.0])
+  np.testing.assert_array_equal(cost.nonzero_weights(t, keep, {}), cost.kernel_entries(t, keep))
+  np.testing.assert_array_equal(cost.kernel_entries(t, keep), [9 * 2 * 2, 1 * 2 * 1])
+  with pytest.raises(ValueError, match='no prunable layer'):
+    cost.nonzero_weights(t, keep, {'c': np.ones((1, 1, 1, 1))})
+
+
+@pytest.mark.parametrize('arch,classes,size', [('resnet20', 10, 32), ('mobilenetv2', 100, 32)])
+def test_sparse_bops_equal_bops_with_all_ones_weight_masks(arch, classes, size):
+  t = get_topology(arch, classes, size, 3)
+  rng = np.random.default_rng(2)
+  channel_masks = {l.name: (rng.random(l.out_channels) < 0.7).astype(np.float32) for l in t.layers[::3]}
+  for name in channel_masks:
+    channel_masks[name][0] = 1.0  # every layer keeps a channel
+  keep = cost.keep_counts(t, channel_masks)
+  ones = {l.name: np.ones((l.kernel, l.kernel, 1 if l.depthwise else l.in_channels // l.groups, l.out_channels))
+          for l in t.layers}
+  count = jax.jit(lambda ones, channel_masks, keep: cost.nonzero_weights(  # jit: one dispatch, not hundreds
+      t, keep, weight_masks_with_pruned_channels_zeroed(t, ones, channel_masks)))
+  nonzero = count(ones, channel_masks, keep)
+  np.testing.assert_array_equal(nonzero, cost.kernel_entries(t, keep))
+  np.testing.assert_array_equal(cost.density(t, keep, nonzero), np.ones(t.num_layers))
+  w_bits = rng.integers(2, 9, size=t.num_layers)
+  a_bits = rng.integers(2, 9, size=t.num_layers)
+  assert float(cost.sparse_bops(t, keep, nonzero, w_bits, a_bits)) == float(cost.bops(t, keep, w_bits, a_bits))
+
+
+@pytest.mark.parametrize('arch,classes,size', [('resnet20', 10, 32), ('vgg16', 10, 32), ('mobilenetv2', 100, 32)])
+def test_dense_fp32_weight_bits_are_32_times_the_kernel_entries(arch, classes, size):
+  """Weight bits count conv and dense kernels only: 32 x (cost.params - BatchNorm scales and biases - dense
+  biases), i.e. 32 x the entries of the Flax model's `kernel` leaves."""
+  t = get_topology(arch, classes, size, 3)
+  model = models.create_model(arch, classes, size, 3)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  leaves = jax.tree_util.tree_flatten_with_path(shapes['params'])[0]
+  kernels = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if path[-1].key == 'kernel')
+  keep = dense(t)
+  bits = np.full(t.num_layers, 32)
+  got = float(cost.weight_bits(t, keep, cost.nonzero_weights(t, keep, {}), bits))
+  # float32 sum of L terms: at most L roundings of half an ulp of the total.
+  assert got == pytest.approx(32 * kernels, rel=t.num_layers * 2 ** -24)
+  others = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if path[-1].key != 'kernel')
+  assert int(cost.params(t, cost.dense_keep(t))) == kernels + others
+
+
+def test_hand_worked_weight_bits_relation_to_params():
+  t = tiny_topology()  # 3 convs and one dense layer with a bias
+  keep = np.array([6, 6, 3])
+  bits = np.full(t.num_layers, 32)
+  nonzero = cost.nonzero_weights(t, keep, {})
+  params = int(cost.params(t, keep))  # 284: kernels 234 + BatchNorm 2 * 15 + dense kernel 15 + bias 5
+  assert float(cost.weight_bits(t, keep, nonzero, bits)) == 32 * (params - 2 * keep.sum() - 5) == 32 * 249
+
+
+def test_sparse_bops_and_weight_bits_under_jit_and_vmap_equal_eager():
+  t = get_topology('mobilenetv2', 100, 32, 3)
+  rng = np.random.default_rng(3)
+  keep = rng.integers(1, cost.dense_keep(t) + 1, size=(4, t.num_layers)).astype(np.float32)
+  nonzero = np.floor(np.asarray(cost.kernel_entries(t, keep)) * rng.uniform(0.1, 1.0, size=keep.shape))
+  w_bits = rng.integers(2, 9, size=t.num_layers)
+  a_bits = rng.integers(2, 9, size=t.num_layers)
+  f = lambda k, n: (cost.sparse_bops(t, k, n, w_bits, a_bits), cost.weight_bits(t, k, n, w_bits))
+  eager = [np.array([float(f(k, n)[i]) for k, n in zip(keep, nonzero)]) for i in range(2)]
+  got = jax.jit(jax.vmap(f))(keep, nonzero)
+  np.testing.assert_array_equal(got[0], eager[0])
+  np.testing.assert_array_equal(got[1], eager[1])
+  batched = f(keep, nonzero)  # leading axes broadcast without vmap too
+  np.testing.assert_array_equal(batched[0], eager[0])
+  assert np.all(eager[0] <= np.asarray(cost.bops(t, keep, w_bits, a_bits)))
