@@ -60,8 +60,15 @@ def add_search_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.search.chunk_size = 1  # candidates per chunk on each device (memory bound of the vmapped mode)
   c.search.eval_mode = 'auto'  # 'vmap' | 'map' | 'auto' ('map' on CPU, 'vmap' on GPU/TPU)
   c.search.quantize = False  # fine-tune inside the fitness with the assigned bits (the original does not)
+  # A candidate whose pruning plan equals an evaluated one takes its loss without running (fitness.PlanCache;
+  # ours, the result is the same). False evaluates every candidate, as the original does.
+  c.search.cache_plans = True
   c.search.bit_penalty = 1 / 6  # lambda of bits = B_max - ceil(lambda / s)
   c.search.min_bits = 2
+  # B_max, the available maximum bit-width of each prunable conv: None takes the architecture's own list
+  # (picpq_jax/models/, the original's per-layer lists where it has one); or one integer in 1..32 per
+  # prunable conv in forward order, e.g. --config.search.b_max='(32, 8, 8, ...)'. 32 = full precision.
+  c.search.b_max = ml_collections.FieldReference(None, field_type=tuple)
   return add_finetune_config(c)
 
 

@@ -8,8 +8,10 @@ source layer's mask is 0 there); then
              B_max,l - ceil(penalty / s_l)         otherwise,
 
 clamped to [min_bits, B_max,l]; the stem (the conv reading the image) stays 32-bit, and so does the
-classifier (it is not a prunable conv, so it never appears here). Weights and activations of a layer get
-the same bits. Runs once on the host, in numpy (float64).
+classifier (it is not a prunable conv, so it never appears here). A layer whose B_max is 32 stays 32-bit
+however much of it was removed: the original lists 32 only for the layers its quantized models keep in
+floating point (the stem, and MobileNetV2's last 1x1 conv), so B_max 32 means "not quantized". Weights and
+activations of a layer get the same bits. Runs once on the host, in numpy (float64).
 
     bits = assign_bits(topology, variables['params'], masks)    # layer name -> int
     model.apply(variables, x, masks=masks, bits=bits_tree(bits))
@@ -148,11 +150,12 @@ def bits_from_fraction(s, b_max, pruned, penalty: float = DEFAULT_PENALTY, min_b
 
   The one copy of the formula, elementwise over numbers or arrays: xp=np on the host (assign_bits, float64),
   xp=jax.numpy under jit (assign_bits_traced). s = 0 (everything removed) gives min_bits. When
-  min_bits > b_max the result is b_max: a layer never gets more than its available maximum.
+  min_bits > b_max the result is b_max: a layer never gets more than its available maximum. b_max 32 (full
+  precision) gives 32 whether pruned or not (see the module docstring).
   """
   positive = s > 0
   reduced = xp.where(positive, b_max - xp.ceil(penalty / xp.where(positive, s, 1.0)), min_bits)
-  bits = xp.where(pruned, reduced, b_max)
+  bits = xp.where(pruned & (b_max < FULL_PRECISION), reduced, b_max)
   return xp.minimum(xp.maximum(bits, min_bits), b_max)
 
 

@@ -1,4 +1,5 @@
-"""orbax-checkpoint save/restore of every stage's state, with a JSON manifest to catch mismatches.
+"""orbax-checkpoint save/restore of every stage's state, with a JSON manifest to catch mismatches; and the one
+atomic writer (`atomic_write`, `write_json`, `write_npz`) for every other file a run writes.
 
 A stage directory holds numbered steps, each with the state pytree ('state') and a small JSON ('meta', e.g.
 the architecture and the epoch). Orbax writes each step to a temporary directory and renames it when
@@ -6,10 +7,13 @@ complete, so a killed process never leaves a half-written step behind that resto
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Optional
+import tempfile
+from typing import Any, Callable, Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -56,3 +60,74 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: Optional[int] = None
   abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   return restored['state'], meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one atomic writer for every other file a run writes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
+  """Call write(file) on a temporary file beside `path`, then rename it to `path`.
+
+  A killed or failing write (disk full, an exception in `write`) leaves `path` as it was and no temporary
+  file behind. Raises OSError as one sentence naming the file.
+  """
+  path = os.path.abspath(path)
+  directory = os.path.dirname(path)
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb' if binary else 'w') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())  # the data is on disk before the rename makes it the result
+    os.replace(tmp, path)
+  except BaseException as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    if isinstance(e, OSError):
+      raise OSError(f'could not write {path}: {e.strerror or e}; free some space or choose another '
+                    '--workdir.') from None
+    raise
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  try:
+    return float(value) if not isinstance(value, (str, bool, int)) else value
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """`obj` as indented JSON in `path`, atomically (numpy scalars and arrays become numbers and lists)."""
+  atomic_write(path, lambda f: json.dump(obj, f, indent=1, default=_plain))
+
+
+def read_json(path: str) -> Any:
+  """The JSON in `path`; a damaged file is a ValueError naming it and the way out."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}); delete it to recompute that stage, or use a fresh '
+                       '--workdir.') from None
+
+
+def write_npz(path: str, arrays: Mapping[str, Any]) -> None:
+  """Arrays in an uncompressed .npz at `path`, atomically."""
+  atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}), binary=True)
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array of the .npz at `path` (loaded, the file closed); a damaged file is a ValueError naming it."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise ValueError(f'{path} is not a readable .npz ({e}); delete it to recompute that stage, or use a fresh '
+                     '--workdir.') from None

@@ -3,6 +3,10 @@
 A filter property (FP) is one number per output filter of every prunable conv: by default the mean numerical
 rank of the filter's HxW output map over calibration images (HRank's criterion), taken at the conv output
 before BatchNorm with the model in eval mode; or the L1 / L2 norm of the filter's weights, or |BN gamma|.
+MobileNetV2's stem and last 1x1 conv are the exception: their rank is taken after their ReLU6, where the
+original's generate_rank.py hooks them (`features[0][2]`, `features[18][2]`, the ReLU6 modules; every other
+hook there is on a Conv2d). Their specs set `rank_after_activation`, and the conv unit then sows that map
+under the same key (models/layers.py), so this module reads one key for every layer.
 The PIC importance of filter i of layer l is I_i = a_l * FP_i + b_l (`pic_importance`, the one place that
 formula lives).
 
@@ -127,8 +131,9 @@ def filter_properties(model, variables: Any, batches: Any = None, kind: str = 'r
     variables: {'params': ..., 'batch_stats': ...} of the baseline.
     batches: calibration images for 'rank' (ignored otherwise): a stacked (num_batches, B, H, W, C) array,
       one (B, H, W, C) array, or an iterable of (B, H, W, C) arrays or of dicts with an 'image' entry.
-    kind: 'rank' (mean feature-map rank before BatchNorm, eval mode), 'l1' / 'l2' (norm of each output
-      filter's weights kernel[..., j]) or 'bn_gamma' (|BN scale|).
+    kind: 'rank' (mean feature-map rank before BatchNorm, eval mode; after the activation for a conv whose
+      spec sets `rank_after_activation`), 'l1' / 'l2' (norm of each output filter's weights kernel[..., j])
+      or 'bn_gamma' (|BN scale|).
   """
   if kind not in PROPERTIES:
     raise ValueError(f'search.criterion={kind!r} is not a filter property; choose one of {list(PROPERTIES)}.')

@@ -11,16 +11,25 @@ where std_l is the standard deviation of layer l's filter-property values (given
 space the identity candidate (a = 1, b = 0) is the zero vector, the original's random initial candidates
 (a_l = exp(N(0, 1)), b_l = N(0, std_l)) are standard normal, and the original's mutation
 (a_l *= exp(N(0, eta)), b_l += N(0, std_l)) is additive Gaussian noise, so generic evosax strategies
-(CMA-ES, OpenAI-ES, GA, ...) work in it unchanged. A layer whose filter properties are all equal has
-std_l = 0: its b_l is then always 0 (as in the original, where b_l += N(0, 0)); `encode` maps it to 0.
+(CMA-ES, OpenAI-ES, GA, ...) work in it unchanged. Given std_l = 0, `encode` maps b_l to 0 and `decode`
+keeps it 0 (the original's behaviour, where b_l += N(0, 0)); the pipeline passes criteria.fp_std, which
+puts 1.0 there instead (see below).
 
 Strategies
 ----------
 Every strategy follows evosax 0.3.2's API and minimizes; a NaN fitness marks a failed candidate (it never
 becomes the best-ever and always loses a tournament). `AgingEvolution` is the original's regularized
-evolution (METHOD.md, "Aging evolution"), vectorized to K children per round (K = 1 is the original
-exactly). `make_strategy` builds it or any evosax algorithm by name; `run_search` is a plain reference loop
-over init/ask/tell (the pipeline adds checkpointing around the same calls).
+evolution (METHOD.md, "Aging evolution"), vectorized to K children per round; K = 1 is the original's
+algorithm, with these differences, each deliberate:
+  - random numbers come from jax.random, not numpy's global generator (same distributions, other draws);
+  - a failed (NaN) candidate loses every tournament; in the original, np.argmin over the sampled losses
+    returns a NaN's index, so a failed member WINS any tournament it is drawn into;
+  - at least one layer is mutated per child (the original's int(0.1 * L) is 0 below 10 layers);
+  - a layer whose filter properties are all equal gets std 1.0 (criteria.fp_std), so its b_l can move; the
+    original's std 0 keeps it at 0 forever.
+The identity candidate is the youngest of the initial population, and a layer drawn twice is mutated once,
+as in the original. `make_strategy` builds it or any evosax algorithm by name; `run_search` is a plain
+reference loop over init/ask/tell (the pipeline adds checkpointing around the same calls).
 
 Best-ever tracking lives in one place for every strategy: evosax's `state.best_solution` /
 `state.best_fitness`, updated by evosax's own `update_best_solution_and_fitness` in `init` (population-based)
@@ -97,14 +106,16 @@ def decode(x: jax.Array, fp_std: jax.Array) -> tuple[jax.Array, jax.Array]:
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _initial_population(key: jax.Array, population_size: int, num_layers: int) -> jax.Array:
   random_rows = jax.random.normal(key, (population_size - 1, 2 * num_layers), jnp.float32)
-  return jnp.concatenate([jnp.zeros((1, 2 * num_layers), jnp.float32), random_rows], axis=0)
+  return jnp.concatenate([random_rows, jnp.zeros((1, 2 * num_layers), jnp.float32)], axis=0)
 
 
 def initial_population(key: jax.Array, population_size: int, num_layers: int) -> jax.Array:
   """The original's initial population, encoded: (population_size, 2L) float32.
 
-  Row 0 is the identity candidate (zeros); rows 1.. are `jax.random.normal(key, (population_size - 1, 2L))`,
-  i.e. a_l = exp(N(0, 1)) and b_l = N(0, std_l).
+  Rows 0..P-2 are `jax.random.normal(key, (population_size - 1, 2L))`, i.e. a_l = exp(N(0, 1)) and
+  b_l = N(0, std_l); the LAST row is the identity candidate (zeros). As in the original (its loop puts the
+  identity at i = POPULATIONS - 1), the identity is the youngest member, so aging evolution replaces it last:
+  it survives until the population has turned over once.
   """
   if population_size < 1 or num_layers < 1:
     raise ValueError(f"initial_population needs population_size >= 1 and num_layers >= 1, got "
@@ -187,7 +198,8 @@ class AgingEvolution(PopulationBasedAlgorithm):
   (Python's min() over the sample, as in the original). The child copies the parent, then for i = 0..M-1 in
   order: x[layers[i]] += eta * z_a[i] and x[L + layers[i]] += z_b[i], where eta = mutation_scale(t + k, T)
   and t = state.num_evaluations (evaluations done before child k, in evaluation order). A layer drawn twice
-  is mutated twice (the mutations accumulate). Float32 throughout; XLA on CPU may fuse the multiply-add and
+  is mutated once, with the noise of its first draw (the original loops over layers and asks
+  `if k in mutate_candidate`; the later draw's noise is unused). Float32 throughout; XLA on CPU may fuse the multiply-add and
   divide through a reciprocal, so a numpy replay of these draws agrees to about 1 ulp, not bit for bit.
 
   `tell(key, children, fitness, state, params)` uses no randomness: it takes the first n <= K children of the
@@ -255,9 +267,16 @@ class AgingEvolution(PopulationBasedAlgorithm):
     delta_log_a = mutation_scale(num_evaluations, params.total_evaluations)[:, None] * z_a
     rows = jnp.arange(self.num_children)
 
+    # first[k, i]: layers[k, i] was not drawn before position i, so a repeated layer is mutated once.
+    m = self.num_mutations
+    earlier = jnp.tril(jnp.ones((m, m), bool), k=-1)  # earlier[i, j]: j < i
+    repeated = jnp.any((layers[:, :, None] == layers[:, None, :]) & earlier, axis=2)
+    delta_log_a = jnp.where(repeated, 0.0, delta_log_a)
+    delta_b = jnp.where(repeated, 0.0, z_b)
+
     def mutate(i, children):
       children = children.at[rows, layers[:, i]].add(delta_log_a[:, i])
-      return children.at[rows, self.num_layers + layers[:, i]].add(z_b[:, i])
+      return children.at[rows, self.num_layers + layers[:, i]].add(delta_b[:, i])
 
     children = jax.lax.fori_loop(0, self.num_mutations, mutate, state.population[parents])
     return children, state
@@ -460,6 +479,7 @@ def run_search(
     progress: bool = False,
     checkpoint_dir: str | None = None,
     initial_slice: int | None = None,
+    on_restore: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> SearchResult:
   """Run `strategy` for exactly `total_evaluations` fitness evaluations; returns a `SearchResult`.
 
@@ -479,6 +499,8 @@ def run_search(
   uninterrupted one does (given a deterministic fitness_fn).
   initial_slice: evaluate the initial population this many candidates per fitness_fn call (default: all
   at once), so that the progress bar moves and memory stays bounded.
+  on_restore: called once with (population (n, 2L), fitness (n,)) of the n evaluations a resumed search
+  restored, so a fitness_fn that remembers what it evaluated can refill its memory.
   progress: a tqdm bar of evaluations done, best-ever fitness and candidates per second.
   """
   dims = 2 * num_layers
@@ -520,6 +542,8 @@ def run_search(
     evaluated = int(saved["evaluated"])
     history_population = np.array(saved["history_population"])
     history_fitness = np.array(saved["history_fitness"])
+    if on_restore is not None:
+      on_restore(history_population[:evaluated], history_fitness[:evaluated])
   else:
     state, population, fitness = _start(strategy, params, fitness_fn, key_population, key_init, num_layers,
                                         slice_size=initial_slice, bar=bar)

@@ -68,7 +68,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
@@ -77,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picpq_jax import bits as bits_lib
-from picpq_jax import models, quant
+from picpq_jax import checkpoints, models, quant
 from picpq_jax.models.layers import BN_EPSILON
 from picpq_jax.models.spec import ArchSpec
 from picpq_jax.topology import topology_from_spec
@@ -309,22 +308,6 @@ def _num_entries(tree) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def _write_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def export_model(path: str, spec: ArchSpec, variables: Mapping[str, Any], masks: Optional[Mapping[str, Any]],
                  bits: Optional[Mapping[str, Any]], *, fold_bn: bool = False,
                  meta: Optional[Mapping[str, Any]] = None) -> dict:
@@ -389,7 +372,7 @@ def export_model(path: str, spec: ArchSpec, variables: Mapping[str, Any], masks:
       image_size=spec.image_size, in_channels=spec.in_channels, fold_bn=bool(fold_bn), bn_epsilon=BN_EPSILON,
       dense_params=_num_entries(variables['params']), layers=layers, meta=meta_json)
   arrays[MANIFEST_KEY] = np.frombuffer(json.dumps(manifest).encode('utf-8'), np.uint8)
-  _write_atomic(path, arrays)
+  checkpoints.write_npz(path, arrays)
   return size_report(path)
 
 

@@ -198,3 +198,64 @@ class PopulationFitness:
       if on_group is not None:
         on_group(min(self.group, k - start))
     return {key: np.concatenate([o[key] for o in outs])[:k] for key in outs[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Each distinct pruning plan evaluated once
+# ----------------------------------------------------------------------------------------------------------
+
+
+def plan_keys(topology: Topology, masks: Mapping[str, Any]) -> list[bytes]:
+  """One key per candidate, equal exactly when two candidates keep the same channels.
+
+  masks: layer name -> (K, out_channels) 0/1 (pruning.prune_masks_batched); the key is the packed bits of
+  every layer's mask in forward order.
+  """
+  flat = np.concatenate([np.asarray(masks[name]) > 0.5 for name in topology.names], axis=1)
+  return [row.tobytes() for row in np.packbits(flat, axis=1)]
+
+
+def repeated_plans(keys: list[bytes]) -> np.ndarray:
+  """(K,) bool: candidate i's plan equals that of a candidate before it (in evaluation order)."""
+  seen: set[bytes] = set()
+  out = np.zeros(len(keys), bool)
+  for i, key in enumerate(keys):
+    out[i] = key in seen
+    seen.add(key)
+  return out
+
+
+class PlanCache:
+  """losses(a (K, L), b (K, L)) -> (K,) with each distinct pruning plan evaluated only once.
+
+  The fitness is a deterministic function of a candidate's masks (every candidate fine-tunes on the same
+  tau batches from the same baseline and is validated on the same batches), so two candidates with one plan
+  have one loss: the later one takes the stored value without running. This is ours, not the original's
+  (which fine-tunes every candidate); the search's result is the same. `remember` refills the store from a
+  restored search history, so a resumed search skips exactly what an uninterrupted one skips.
+
+  evaluate(a, b) -> losses (n,) of n candidates; plans(a, b) -> one key per candidate (`plan_keys`).
+  """
+
+  def __init__(self, evaluate: Callable[[np.ndarray, np.ndarray], np.ndarray],
+               plans: Callable[[np.ndarray, np.ndarray], list[bytes]]):
+    self._evaluate, self._plans = evaluate, plans
+    self._loss: dict[bytes, float] = {}
+    self.evaluated = 0  # candidates actually run by this object (progress and tests)
+
+  def remember(self, a: np.ndarray, b: np.ndarray, loss: np.ndarray) -> None:
+    for key, value in zip(self._plans(a, b), np.asarray(loss, np.float32)):
+      self._loss.setdefault(key, value)
+
+  def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    keys = self._plans(a, b)
+    first = {}  # key -> index of its first candidate here, for plans not stored yet
+    for i, key in enumerate(keys):
+      if key not in self._loss:
+        first.setdefault(key, i)
+    if first:
+      rows = np.asarray(list(first.values()))
+      losses = np.asarray(self._evaluate(np.asarray(a)[rows], np.asarray(b)[rows]), np.float32)
+      self._loss.update(zip(first, losses))
+      self.evaluated += len(rows)
+    return np.asarray([self._loss[key] for key in keys], np.float32)

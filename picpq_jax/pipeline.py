@@ -23,6 +23,15 @@ def build_model(config: ml_collections.ConfigDict):
   return models.create_model(config.model.arch, info.num_classes, info.image_size, info.in_channels), info
 
 
+def build_topology(config: ml_collections.ConfigDict, info: Optional[data.DatasetInfo] = None):
+  """The prunable-layer table of the config's model on its data (`info`: the dataset's, when the caller has
+  it), with config.search.b_max, when given, as the layers' B_max (topology.get_topology applies it)."""
+  from picpq_jax import topology  # pylint: disable=g-import-not-at-top
+  info = info or data.dataset_info(config.data)
+  return topology.get_topology(config.model.arch, info.num_classes, info.image_size, info.in_channels,
+                               b_max=config.search.b_max)
+
+
 def evaluate_split(config, model, variables, split: str, masks=None, bits=None) -> dict:
   eval_step = jax.jit(training.make_eval_step(model))
   batches = data.epoch_batches(config.data, split, config.train.eval_batch_size, train=False)
@@ -71,13 +80,20 @@ POLICY = 'policy.json'
 
 def check_search_config(config: ml_collections.ConfigDict, topo) -> None:
   """Settings the search cannot run with, reported before any work starts."""
-  from picpq_jax import criteria, evolution, fitness, pruning  # pylint: disable=g-import-not-at-top
+  from picpq_jax import criteria, evolution, fitness, pruning, topology  # pylint: disable=g-import-not-at-top
   s = config.search
+  model = f'{topo.arch} ({topo.num_layers} prunable convs)'
+  if isinstance(s.keep_fraction, bool) or not 0 < s.keep_fraction <= 1:
+    raise ValueError(f'search.keep_fraction={s.keep_fraction!r} must lie in (0, 1]: it is the fraction of the '
+                     f'dense FLOPs of {model} that the pruned model keeps, e.g. 0.45.')
+  if isinstance(s.tau, bool) or not isinstance(s.tau, (int, np.integer)) or s.tau < 0:
+    raise ValueError(f'search.tau={s.tau!r} must be a non-negative integer: it counts the SGD steps that fine-tune '
+                     f'each pruned candidate of {model} before its fitness is measured (0 skips them; the '
+                     'original uses 200).')
+  topology.check_b_max(s.b_max, topo)
   if s.criterion not in criteria.PROPERTIES:
     raise ValueError(f'search.criterion={s.criterion!r} is not a filter property; choose one of '
                      f'{list(criteria.PROPERTIES)}.')
-  if s.tau < 0:
-    raise ValueError(f'search.tau={s.tau} must be >= 0 (SGD steps of the fine-tune inside the fitness).')
   fitness.resolve_eval_mode(s.eval_mode)
   strategy, _ = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
                                         s.total_evaluations, tournament_size=s.tournament)
@@ -148,30 +164,40 @@ def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
   train, val = search_batches(config, info)
   fns = fitness.CandidateFns(model, topo, fp_padded, s)
   evaluate = fitness.PopulationFitness(fns, variables, train, val, s.chunk_size, s.eval_mode)
+  prune = jax.jit(lambda a, b: pruning.prune_masks_batched(topo, fp_padded, a, b, s.keep_fraction, s.safeguard,
+                                                           s.check_every))
+  plans = lambda a, b: fitness.plan_keys(topo, jax.device_get(prune(a, b)[0]))  # noqa: E731
+  losses = lambda a, b: evaluate(a, b)['loss']  # noqa: E731
+  if s.cache_plans:
+    losses = fitness.PlanCache(losses, plans)
 
-  def fitness_fn(x):
-    a, b = evolution.decode(x, std)
-    return evaluate(np.asarray(a), np.asarray(b))['loss']
+  def decoded(x):
+    return tuple(np.asarray(v) for v in evolution.decode(x, std))
 
   strategy, params = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
                                              s.total_evaluations, tournament_size=s.tournament)
   t0 = time.time()
-  result = evolution.run_search(strategy, params, fitness_fn, jax.random.key(config.seed), topo.num_layers,
-                                s.total_evaluations, progress=True,
-                                checkpoint_dir=os.path.join(workdir, SEARCH), initial_slice=evaluate.group)
+  result = evolution.run_search(
+      strategy, params, lambda x: losses(*decoded(x)), jax.random.key(config.seed), topo.num_layers,
+      s.total_evaluations, progress=True, checkpoint_dir=os.path.join(workdir, SEARCH),
+      initial_slice=evaluate.group,
+      on_restore=(lambda x, loss: losses.remember(*decoded(x), loss)) if s.cache_plans else None)
   wall = time.time() - t0
-  a_hist, b_hist = (np.asarray(v) for v in evolution.decode(result.history_population, std))
-  _, hist_info = pruning.prune_masks_batched(topo, fp_padded, a_hist, b_hist, s.keep_fraction, s.safeguard,
-                                             s.check_every)
+  a_hist, b_hist = decoded(result.history_population)
+  hist_masks, hist_info = jax.device_get(prune(a_hist, b_hist))
+  # Which evaluations repeated an earlier plan: with search.cache_plans these took the stored loss.
+  repeated = fitness.repeated_plans(fitness.plan_keys(topo, hist_masks))
   loss = np.asarray(result.history_fitness)
   tmp = os.path.join(workdir, 'search_history.tmp.npz')
   np.savez(tmp, a=a_hist, b=b_hist, loss=loss, flops=np.asarray(hist_info['flops']),
-           reached=np.asarray(hist_info['reached']))
+           reached=np.asarray(hist_info['reached']), repeated_plan=repeated)
   os.replace(tmp, os.path.join(workdir, 'search_history.npz'))
+  saved = int(repeated.sum()) if s.cache_plans else 0
   report.plot_search(loss, os.path.join(workdir, 'search_loss.png'),
-                     f'{config.model.arch} on {config.data.name}: {s.strategy}')
+                     f'{config.model.arch} on {config.data.name}: {s.strategy}', repeated=repeated)
   best_a, best_b = (np.asarray(v).tolist() for v in evolution.decode(result.best_solution, std))
   summary = {'arch': config.model.arch, 'strategy': s.strategy, 'evaluations': int(len(loss)),
+             'distinct_plans': int(len(loss) - repeated.sum()), 'evaluations_saved': saved,
              'best_loss': float(result.best_fitness), 'a': best_a, 'b': best_b,
              'failed_candidates': int(np.sum(~np.isfinite(loss))), 'wall_time_s': wall,
              'candidates_per_s': len(loss) / max(wall, 1e-9)}
@@ -211,9 +237,9 @@ def policy_arrays(policy: dict) -> tuple[dict, dict]:
 
 def compress(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole pipeline: baseline -> filter properties -> search -> masks + bits (-> fine-tuning)."""
-  from picpq_jax import report, topology  # pylint: disable=g-import-not-at-top
+  from picpq_jax import report  # pylint: disable=g-import-not-at-top
   model, info = build_model(config)
-  topo = topology.get_topology(config.model.arch, info.num_classes, info.image_size, info.in_channels)
+  topo = build_topology(config, info)
   check_search_config(config, topo)
   baseline = train_baseline(config, workdir)
   variables = load_baseline(config, workdir)
@@ -346,11 +372,10 @@ def export_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def finetune_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """train.py --finetune: the fine-tuning stages and the export for the policy a search left in workdir."""
-  from picpq_jax import topology  # pylint: disable=g-import-not-at-top
   policy = load_policy(config, workdir)
   if not os.path.exists(os.path.join(workdir, BASELINE + '.json')):
     raise FileNotFoundError(f'{workdir} has a policy but no baseline; it is not a complete search workdir.')
   model, info = build_model(config)
-  topo = topology.get_topology(config.model.arch, info.num_classes, info.image_size, info.in_channels)
+  topo = build_topology(config, info)
   tuned = finetune(config, workdir, model, topo, policy)
   return {'finetune': tuned, 'export': export_run(config, workdir)}

@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from picpq_jax import cost
+from picpq_jax import checkpoints, cost
 from picpq_jax.topology import Topology
 
 FP32 = 32
@@ -52,26 +52,29 @@ def policy_table(topo: Topology, masks: Mapping[str, Any], bits: Mapping[str, in
   return '\n'.join(lines)
 
 
-def plot_search(history_loss: np.ndarray, path: str, title: str = '') -> None:
-  """Loss of every evaluated candidate against the evaluation index, with the best-so-far curve."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+def plot_search(history_loss: np.ndarray, path: str, title: str = '',
+                repeated: Optional[np.ndarray] = None) -> None:
+  """Loss of every evaluated candidate against the evaluation index, with the best-so-far curve.
+
+  repeated: (N,) bool, candidates whose pruning plan an earlier one already had (drawn hollow; with
+  search.cache_plans they took the stored loss without running).
+  """
+  plt = _plt()
   loss = np.asarray(history_loss, np.float64)
   x = np.arange(1, len(loss) + 1)
   best = np.fmin.accumulate(np.where(np.isfinite(loss), loss, np.inf))
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.scatter(x, loss, s=8, alpha=0.5, label='candidate')
+  repeated = np.zeros(len(loss), bool) if repeated is None else np.asarray(repeated, bool)
+  ax.scatter(x[~repeated], loss[~repeated], s=8, alpha=0.5, label='new plan')
+  if repeated.any():
+    ax.scatter(x[repeated], loss[repeated], s=14, facecolors='none', edgecolors='C2',
+               label=f'repeated plan ({int(repeated.sum())})')
   ax.plot(x, np.where(np.isfinite(best), best, np.nan), color='C3', label='best so far')
   ax.set_xlabel('evaluation')
   ax.set_ylabel('validation cross-entropy after tau steps')
   ax.set_title(title or 'PIC-PQ search')
   ax.legend()
-  fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save(fig, path)
 
 
 def _plt():
@@ -82,11 +85,11 @@ def _plt():
 
 
 def _save(fig, path: str) -> None:
-  tmp = path + '.tmp.png'
   fig.tight_layout()
-  fig.savefig(tmp, dpi=120)
-  _plt().close(fig)
-  os.replace(tmp, path)
+  try:
+    checkpoints.atomic_write(path, lambda f: fig.savefig(f, dpi=120, format='png'), binary=True)
+  finally:
+    _plt().close(fig)
 
 
 def plot_layers(rows: list[dict], path: str, title: str = '') -> None:
@@ -120,6 +123,8 @@ def run_summary(workdir: str, topo: Topology, baseline: dict, policy: dict, foun
       'wall_time_s': {'baseline': baseline.get('wall_time_s'), 'search': found.get('wall_time_s'),
                       **({k: v['wall_time_s'] for k, v in tuned['stages'].items()} if tuned else {})},
       'search_best_loss': found.get('best_loss'), 'search_evaluations': found.get('evaluations'),
+      'search_distinct_plans': found.get('distinct_plans'),
+      'search_evaluations_saved': found.get('evaluations_saved'),
       'export': exported,
   }
   if tuned:
@@ -150,6 +155,10 @@ def markdown(summary: dict) -> str:
     if e.get('checked_images'):
       lines += ['', f'The loaded export\'s logits differ from the masked, fake-quantized model\'s by at most '
                     f'{e["max_logit_difference"]:.2e} on {e["checked_images"]} test images.']
+  if s.get('search_evaluations') is not None:
+    lines += ['', f'Search: {s["search_evaluations"]} candidates, {s.get("search_distinct_plans")} distinct '
+                  f'pruning plans; {s.get("search_evaluations_saved") or 0} evaluations saved by reusing the loss '
+                  f'of an identical plan. Best validation loss {s["search_best_loss"]:.4f}.']
   lines += ['', '| stage | wall time (s) |', '|---|---|']
   lines += [f'| {k} | {v:.0f} |' for k, v in s['wall_time_s'].items() if v is not None]
   return '\n'.join(lines) + '\n'
@@ -157,12 +166,8 @@ def markdown(summary: dict) -> str:
 
 def write_run_report(workdir: str, summary: dict) -> None:
   """summary.json, summary.md and layers.png in the run directory."""
-  from picpq_jax import metrics  # pylint: disable=g-import-not-at-top
-  metrics.write_json(os.path.join(workdir, 'summary.json'), summary)
-  tmp = os.path.join(workdir, 'summary.md.tmp')
-  with open(tmp, 'w') as f:
-    f.write(markdown(summary))
-  os.replace(tmp, os.path.join(workdir, 'summary.md'))
+  checkpoints.write_json(os.path.join(workdir, 'summary.json'), summary)
+  checkpoints.atomic_write(os.path.join(workdir, 'summary.md'), lambda f: f.write(markdown(summary)))
   plot_layers(summary['layers'], os.path.join(workdir, 'layers.png'), f'{summary["arch"]} on {summary["dataset"]}')
 
 

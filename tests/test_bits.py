@@ -134,12 +134,28 @@ def test_random_masks_match_independent_reference(arch):
     np.testing.assert_allclose(s[l.name], s_ref[l.name], rtol=1e-12, err_msg=l.name)
     if l.source is None:
       expected = 32
-    elif s_ref[l.name] == 1.0:  # random normal weights: s == 1 exactly only when nothing was removed
-      expected = l.b_max
+    elif s_ref[l.name] == 1.0 or l.b_max == 32:  # random normal weights: s == 1 only when nothing was removed
+      expected = l.b_max  # (B_max 32, MobileNetV2's last conv: full precision even when pruned)
     else:
       expected = min(max(l.b_max - math.ceil((1 / 6) / s_ref[l.name]), 2), l.b_max)
     assert bits[l.name] == expected, l.name
   assert len(set(bits.values())) > 2  # the masks really produced a spread of bits
+
+
+def test_b_max_32_means_full_precision_even_when_pruned():
+  """MobileNetV2's last 1x1 conv has B_max 32 (the original keeps it in floating point): half of its filters
+  removed still gives 32, where the rule would give 32 - ceil((1/6) / s) = 31; a layer with B_max 6 pruned
+  the same way pays the penalty."""
+  topo = topology.get_topology('mobilenetv2', 10, 8, 3)
+  params = random_kernels(topo)
+  assert topo.layer('last_conv').b_max == 32 and topo.layer('block1_project').b_max == 6
+  half = np.array([1, 0] * 640, np.float32)
+  s = reference_fraction(topo, params, {'last_conv': half})['last_conv']
+  assert 0.3 < s < 0.7 and 32 - math.ceil((1 / 6) / s) == 31
+  bits = bits_lib.assign_bits(topo, params, {'last_conv': half, 'block1_project': np.array([1, 0] * 12)})
+  assert bits['last_conv'] == 32 and bits['block1_project'] == 6 - 1  # s ~ 0.5: ceil((1/6) / s) = 1
+  traced = bits_lib.assign_bits_traced(topo, params, {'last_conv': half})
+  assert int(traced['last_conv']) == 32
 
 
 def test_b_max_override(resnet20):

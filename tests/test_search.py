@@ -84,6 +84,57 @@ def test_fitness_modes_agree_and_masks_meet_target():
   assert results['host']['flops'][0] < config.search.keep_fraction * dense
 
 
+def test_plan_cache_runs_each_distinct_plan_once():
+  calls = []
+
+  def evaluate(a, b):
+    calls.append(a[:, 0].tolist())
+    return a[:, 0] * 10.0
+
+  plans = lambda a, b: [bytes([int(v)]) for v in b[:, 0]]  # noqa: E731  the plan is b's first entry
+  cache = fitness.PlanCache(evaluate, plans)
+  a = np.array([[1.], [2.], [3.], [4.]], np.float32)
+  b = np.array([[7.], [8.], [7.], [9.]], np.float32)  # candidates 0 and 2 share a plan
+  np.testing.assert_array_equal(cache(a, b), [10., 20., 10., 40.])  # 2 takes 0's loss, not 30
+  assert calls == [[1., 2., 4.]] and cache.evaluated == 3
+  np.testing.assert_array_equal(cache(a[:2] + 5, b[:2]), [10., 20.])  # known plans: nothing runs
+  assert len(calls) == 1
+  fresh = fitness.PlanCache(evaluate, plans)
+  fresh.remember(a, b, np.array([10., 20., 10., 40.]))  # a resumed search refills the store
+  np.testing.assert_array_equal(fresh(a, b), [10., 20., 10., 40.])
+  assert fresh.evaluated == 0
+  np.testing.assert_array_equal(fitness.repeated_plans(plans(a, b)), [False, False, True, False])
+
+
+def test_search_with_plan_cache_equals_search_without():
+  """The fitness is a function of the masks, so skipping repeated plans changes nothing in the search."""
+  from picpq_jax import evolution  # pylint: disable=g-import-not-at-top
+  config, model, topo, variables, fp_padded, train, val = tiny_search_setup()
+  s = config.search
+  evaluate = fitness.PopulationFitness(fitness.CandidateFns(model, topo, fp_padded, s), variables, train, val,
+                                       mode='host')
+  prune = jax.jit(lambda a, b: pruning.prune_masks_batched(topo, fp_padded, a, b, s.keep_fraction, s.safeguard))
+  plans = lambda a, b: fitness.plan_keys(topo, jax.device_get(prune(a, b)[0]))  # noqa: E731
+  std = np.ones(topo.num_layers, np.float32)
+  results, caches = {}, {}
+  for cached in (False, True):
+    losses = lambda a, b: evaluate(a, b)['loss']  # noqa: E731
+    if cached:
+      losses = caches[cached] = fitness.PlanCache(losses, plans)
+    fn = lambda x, losses=losses: losses(*(np.asarray(v) for v in evolution.decode(x, std)))  # noqa: E731
+    # One mutated layer per child: many children keep their parent's plan, so the cache is exercised.
+    strategy, params = evolution.make_strategy('aging_evolution', topo.num_layers, 4, 2, 12, tournament_size=2,
+                                               mutation_fraction=0.05)
+    results[cached] = evolution.run_search(strategy, params, fn, jax.random.key(0), topo.num_layers, 12)
+  for field in ('history_population', 'history_fitness', 'best_solution', 'best_fitness'):
+    np.testing.assert_array_equal(np.asarray(getattr(results[True], field)),
+                                  np.asarray(getattr(results[False], field)))
+  repeated = fitness.repeated_plans(plans(*(np.asarray(v) for v in evolution.decode(
+      results[True].history_population, std))))
+  assert repeated.sum() >= 2, 'the toy search should repeat plans, or the comparison proves nothing'
+  assert caches[True].evaluated == 12 - repeated.sum()
+
+
 @pytest.mark.parametrize('override,needle', [
     (('search', 'population', 3), 'search.tournament'),
     (('search', 'tau', -1), 'search.tau'),
@@ -140,7 +191,7 @@ def test_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
   out = subprocess.run(search_command(killed), cwd=ROOT, env=search_env(), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   with np.load(full / 'search_history.npz') as f, np.load(killed / 'search_history.npz') as g:
-    for key in ('a', 'b', 'loss', 'flops'):
+    for key in ('a', 'b', 'loss', 'flops', 'repeated_plan'):
       np.testing.assert_array_equal(f[key], g[key])
   import json  # pylint: disable=g-import-not-at-top
   full_policy, resumed_policy = (json.load(open(d / 'policy.json')) for d in (full, killed))

@@ -1,7 +1,7 @@
 """The masked, quantized conv unit every prunable layer is made of: [quantize input] -> conv -> BN -> mask."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -23,14 +23,17 @@ class MaskedQConv(nn.Module):
   With `bits = (w_bits, a_bits)` the input goes through the k-bit activation quantizer (which takes the place
   of the ReLU before this conv) and the kernel through the k-bit weight quantizer; bits may be traced
   arrays, 32 = full precision. `spec.kernel_on_grid` (an export's slim model): the kernel already holds
-  quantized weights, whose codes are read back instead of quantizing again. The conv output before
-  BatchNorm is sown as intermediates['conv'], where the feature-map rank is taken. Returns the
-  pre-activation (B, H', W', out_channels).
+  quantized weights, whose codes are read back instead of quantizing again. `activation`, when given, is
+  applied to the masked BatchNorm output (the 'conv' blocks pass theirs). The map the feature-map rank is
+  taken from is sown as intermediates['conv']: the conv output before BatchNorm, or, for a spec with
+  `rank_after_activation` (MobileNetV2's stem and last conv), the output after `activation`. Returns the
+  masked BatchNorm output (B, H', W', out_channels), after `activation` when one is given.
   """
   spec: ConvSpec
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None, bits: Any = None):
+  def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None, bits: Any = None,
+               activation: Optional[Callable[[jax.Array], jax.Array]] = None):
     s = self.spec
     kernel = self.param('kernel', conv_init, (s.kernel, s.kernel, s.in_channels // s.groups, s.out_channels))
     step = None
@@ -48,8 +51,16 @@ class MaskedQConv(nn.Module):
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=s.groups)
     if step is not None:
       y = y * step
-    self.sow('intermediates', 'conv', y)
+    if not s.rank_after_activation:
+      self.sow('intermediates', 'conv', y)
     y = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name='bn')(y)
     if mask is not None:
       y = y * jnp.asarray(mask, y.dtype)
+    if activation is not None:
+      y = activation(y)
+    if s.rank_after_activation:
+      if activation is None:
+        raise ValueError(f'conv {s.name!r} takes its rank after its activation but was called without one; '
+                         "it must be the conv of a 'conv' block.")
+      self.sow('intermediates', 'conv', y)
     return y

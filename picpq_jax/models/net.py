@@ -48,13 +48,14 @@ class Net(nn.Module):
     masks, bits = masks or {}, bits or {}
     units = {c.name: MaskedQConv(c, name=c.name) for c in spec.convs}
 
-    def conv(name, h):
-      return units[name](h, train, masks.get(name), bits.get(name))
+    def conv(name, h, activation=None):
+      return units[name](h, train, masks.get(name), bits.get(name), activation)
 
     for block in spec.blocks:
       act = ACTIVATIONS[block.activation]
       if block.kind == 'conv':
-        x = act(conv(block.convs[0], x))
+        # The unit applies the activation, so that a unit whose rank is taken after it can sow that map.
+        x = conv(block.convs[0], x, act)
       elif block.kind == 'maxpool':
         window, stride, pad = block.pool
         x = nn.max_pool(x, (window, window), (stride, stride), padding=((pad, pad), (pad, pad)))

@@ -19,8 +19,11 @@ class ConvSpec:
 
   `source` is the conv whose (masked) output this conv reads; with residual adds, every summand's producer
   is in one chain, so any of them gives the same channel mask (we name the most recent one, whose width is
-  the width of the tensor read). `stage` selects B_max. `signed_input` marks a conv whose input does not
-  follow a ReLU (its activation quantizer must keep negative values).
+  the width of the tensor read). `b_max` is the layer's available maximum bit-width (METHOD.md, "Bits"),
+  given by the architecture's builder, which holds the list the original's scripts use. `signed_input`
+  marks a conv whose input does not follow a ReLU (its activation quantizer must keep negative values).
+  `rank_after_activation`: the feature-map rank of this conv is taken after the activation that follows
+  it (MobileNetV2's stem and last 1x1 conv, as the original taps them) instead of at the conv output.
   """
   name: str
   in_channels: int
@@ -30,10 +33,11 @@ class ConvSpec:
   in_size: int  # input height = width (pixels)
   out_size: int  # output height = width (pixels)
   source: Optional[str]
-  stage: int
+  b_max: int
   groups: int = 1
   chain: Optional[str] = None
   signed_input: bool = False
+  rank_after_activation: bool = False
   kernel_on_grid: bool = False  # the kernel holds quantized weights already (an export's slim model)
 
   @property
