@@ -1,9 +1,10 @@
-"""Run the PIC-PQ compression pipeline: `python search.py --config configs/<name>.py --workdir DIR`.
+"""Run a compression method end to end: `python search.py --config configs/<name>.py --workdir DIR`.
 
 Stages (each saved in the workdir; running the same command again resumes where it stopped): train or load
-the dense baseline, filter properties, the evolutionary (a, b) search, the final masks and bits, the
-fine-tuning stages (full precision, activations quantized, weights and activations quantized; skip them with
---config.finetune.enabled=False), and the report (summary.md, summary.json, plots).
+the dense baseline; the method of config.method.name (picpq: filter properties, the evolutionary (a, b)
+search, the final masks and bits; uniform; codeq: training with learned dead zones and bits), which leaves
+policy.json; the fine-tuning stages (full precision, activations quantized, weights and activations quantized;
+skip them with --config.finetune.enabled=False); the export; and the report (summary.md, summary.json, plots).
 
 --config: an ml_collections config file (configs/); override any entry, e.g. --config.search.population=32
 --workdir: where every stage's results, checkpoints, metrics and plots go.
@@ -27,7 +28,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   config = FLAGS.config
-  cli.check_config(config)
   from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
   result = pipeline.compress(config, FLAGS.workdir)
   print(result['table'])
@@ -36,8 +36,8 @@ def main(argv):
     print(f'test accuracy: baseline {100 * s["baseline_test_accuracy"]:.2f} %, compressed '
           f'{100 * s["compressed_test_accuracy"]:.2f} % (drop {100 * s["accuracy_drop"]:.2f} points) at '
           f'{s["bops_compression"]:.2f}x fewer BOPs')
-  print(f'results in {FLAGS.workdir}: summary.md, summary.json, policy.json, search_history.npz, '
-        'search_loss.png, layers.png')
+  print(f'results in {FLAGS.workdir}: summary.md, summary.json, policy.json, layers.png (and the method\'s own '
+        'files, e.g. search_history.npz and search_loss.png for picpq)')
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@
   --config.train.epochs=3 --config.data.data_dir=/data/tfds
 --workdir: where checkpoints (orbax), metrics (JSON lines, TensorBoard) and the summary go. Running the
   same command again resumes from the last checkpoint in it.
---finetune: DIR is a search workdir (search.py wrote its policy.json): run the original's fine-tuning stages
+--finetune: DIR is a run directory whose method left its policy.json (search.py): run the original's fine-tuning stages
   (full precision with masks; activations quantized; weights and activations quantized; epochs and
   schedules from config.finetune), each from the previous stage's best validation checkpoint, then export
   the slimmed, integer-coded model to DIR/model_export.npz.
@@ -34,11 +34,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   config = FLAGS.config
-  cli.check_config(config)
   from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
   if FLAGS.finetune:
     summary = pipeline.finetune_policy(config, FLAGS.workdir)
   else:
+    pipeline.check_config(config)
     summary = pipeline.train_baseline(config, FLAGS.workdir)
   print(json.dumps(summary, indent=1))
 

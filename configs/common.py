@@ -4,6 +4,51 @@ overrides what its experiment changes. Every key a run reads is declared here, s
 import ml_collections
 
 
+def optimizer_section(*, learning_rate: float, optimizer: str = 'sgd', momentum: float = 0.9,
+                      nesterov: bool = True, weight_decay: float = 5e-4, schedule: str = 'cosine',
+                      step_fractions=(0.3, 0.6, 0.8), step_factor: float = 0.2, epochs: int = 1,
+                      batch_size: int = 128, eval_batch_size=500, precise_bn_batches: int = 0,
+                      distill_weight: float = 0.0, distill_temperature: float = 4.0,
+                      groups=None) -> ml_collections.ConfigDict:
+  """The one shape of every training section (train, finetune, search's fine-tune, codeq), read by
+  training.fit / training.make_optimizer as plain attributes.
+
+  optimizer: 'sgd' (momentum, nesterov; L2 decay added to the gradient) | 'adamw' (decoupled decay).
+  schedule: 'cosine' | 'step' (x step_factor at step_fractions of all steps) | 'constant'.
+  precise_bn_batches: recompute BatchNorm statistics on this many training batches before each validation
+  (0: off). distill_weight / distill_temperature: distillation from the dense baseline (0: off).
+  groups: parameter groups, name -> {learning_rate, weight_decay, leaves}: `leaves` names the parameter
+  leaves of the group (e.g. ('logit_dz',)); the one group with no leaves takes every other parameter. Empty:
+  one group, learning_rate and weight_decay above. eval_batch_size may be a FieldReference.
+  """
+  c = ml_collections.ConfigDict()
+  c.optimizer = optimizer
+  c.learning_rate = learning_rate
+  c.momentum = momentum
+  c.nesterov = nesterov
+  c.weight_decay = weight_decay
+  c.schedule = schedule
+  c.step_fractions = tuple(step_fractions)
+  c.step_factor = step_factor
+  c.epochs = epochs
+  c.batch_size = batch_size
+  c.eval_batch_size = eval_batch_size
+  c.precise_bn_batches = precise_bn_batches
+  c.distill_weight = distill_weight
+  c.distill_temperature = distill_temperature
+  c.groups = ml_collections.ConfigDict(groups or {})
+  return c
+
+
+def parameter_group(learning_rate, weight_decay, leaves=()) -> ml_collections.ConfigDict:
+  """One entry of `optimizer_section(groups=...)`; learning_rate / weight_decay may be FieldReferences."""
+  g = ml_collections.ConfigDict()
+  g.learning_rate = learning_rate
+  g.weight_decay = weight_decay
+  g.leaves = tuple(leaves)
+  return g
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -21,18 +66,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.arch = 'resnet56'
 
+  # The compression method (picpq_jax/methods/): 'picpq' (the search), 'uniform', 'codeq'. Each method reads
+  # its own section below (picpq: `search`; uniform: `uniform`; codeq: `codeq`); `finetune` and `export`
+  # serve every method.
+  c.method = ml_collections.ConfigDict()
+  c.method.name = 'picpq'
+
+  # The baseline every paper compares with (methods/uniform.py): the same fraction of each prunable layer's
+  # channels kept (largest filter L1; a chain keeps one mask) and one bit-width for the weights and
+  # activations of every layer whose B_max is below 32 (the others stay 32-bit, as for every method).
+  c.uniform = ml_collections.ConfigDict()
+  c.uniform.keep_fraction = 0.5  # of each layer's output channels
+  c.uniform.bits = 4
+
   # Dense baseline training.
-  c.train = ml_collections.ConfigDict()
-  c.train.epochs = 200
-  c.train.batch_size = 128
-  c.train.eval_batch_size = 500
-  c.train.learning_rate = 0.1
-  c.train.momentum = 0.9
-  c.train.nesterov = True
-  c.train.weight_decay = 5e-4
-  c.train.schedule = 'cosine'
-  c.train.step_fractions = (0.3, 0.6, 0.8)
-  c.train.step_factor = 0.2
+  c.train = optimizer_section(epochs=200, batch_size=128, eval_batch_size=500, learning_rate=0.1, momentum=0.9,
+                              nesterov=True, weight_decay=5e-4, schedule='cosine')
   return add_search_config(c)
 
 
@@ -51,11 +100,10 @@ def add_search_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.search.total_evaluations = 400  # the initial population included
   c.search.num_children = 1  # K children per round; 1 is the original algorithm
   c.search.tau = 200  # SGD steps of the fine-tune inside the fitness
-  c.search.batch_size = 128
-  c.search.learning_rate = 0.01
-  c.search.momentum = 0.9
-  c.search.nesterov = False
-  c.search.weight_decay = 5e-4
+  # The fine-tune inside the fitness (fitness.search_optimizer): the training-section shape; it reads the
+  # optimizer keys (constant learning rate), `tau` steps instead of epochs.
+  c.search.update(optimizer_section(batch_size=128, learning_rate=0.01, momentum=0.9, nesterov=False,
+                                    weight_decay=5e-4, schedule='constant'))
   c.search.val_batch_size = 500  # the fitness reads floor(val_size / val_batch_size) validation batches
   c.search.chunk_size = 1  # candidates per chunk on each device (memory bound of the vmapped mode)
   c.search.eval_mode = 'auto'  # 'vmap' | 'map' | 'auto' ('map' on CPU, 'vmap' on GPU/TPU)
@@ -76,20 +124,14 @@ def add_finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """Fine-tuning of the found policy: full precision with masks, then activations quantized, then weights
   and activations; each stage starts from the previous stage's best validation checkpoint. The original:
   400 epochs each, SGD Nesterov lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, lr x0.2 at 30/60/80 %."""
-  c.finetune = ml_collections.ConfigDict()
+  # The training-section shape; `epochs` is set per stage from the three counts below.
+  c.finetune = optimizer_section(batch_size=128, eval_batch_size=c.train.get_ref('eval_batch_size'),
+                                 learning_rate=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                 schedule='step', step_fractions=(0.3, 0.6, 0.8), step_factor=0.2)
   c.finetune.enabled = True  # search.py runs the stages after the search
   c.finetune.fp_epochs = 400
   c.finetune.act_epochs = 400
   c.finetune.weight_act_epochs = 400
-  c.finetune.batch_size = 128
-  c.finetune.eval_batch_size = c.train.get_ref('eval_batch_size')
-  c.finetune.learning_rate = 0.01
-  c.finetune.momentum = 0.9
-  c.finetune.nesterov = True
-  c.finetune.weight_decay = 5e-4
-  c.finetune.schedule = 'step'
-  c.finetune.step_fractions = (0.3, 0.6, 0.8)
-  c.finetune.step_factor = 0.2
   # Before the quantized stages, scale all activations so that this percentile of the quantized convs' inputs
   # sits at the top of the activation quantizer's fixed range [0, 1] (calibration.py; not in the original).
   c.finetune.calibrate_activations = True
@@ -102,7 +144,38 @@ def add_finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # (1 - w) * cross-entropy + w * T^2 KL(teacher || student) at temperature T; w = 0 turns it off.
   c.finetune.distill_weight = 0.0
   c.finetune.distill_temperature = 4.0
-  return add_export_config(c)
+  return add_codeq_config(add_export_config(c))
+
+
+def add_codeq_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CoDeQ (BASELINES.md, "CoDeQ"; picpq_jax/methods/codeq.py): quantization-aware training of the baseline
+  with learned dead zones (the pruning) and bit-widths, then the policy read out.
+
+  [code: README] AdamW in three parameter groups, each with its own learning rate and weight decay: the
+  network's weights, the dead-zone logits ('logit_dz'), the bit logits ('logit_bit'). The public code gives
+  no values; [ours]: weights at AdamW's usual 1e-3 with weight decay 5e-4 (the baseline's), cosine schedule;
+  the logits at a larger learning rate (they are scalars starting at 3.0, where tanh is flat). The dead-zone
+  logits' weight decay is the sparsity knob (decay pulls theta_dz to 0, the widest dead zone); the bit
+  logits' decay the mixed-precision knob (pulls towards 2 bits; 0 leaves the bits near max_bits).
+  max_bits 8 [code default]; fixed_bits None = learned bits [paper's mixed precision] (an int: every layer at
+  that many bits, the paper's fixed-precision runs). act_bits 32: activations not quantized [code]; < 32
+  quantizes the convs' inputs with PIC-PQ's activation quantizer [ours, for the like-for-like table].
+  end_bits 32 [ours]: the stem conv and the classifier stay full precision, PIC-PQ's convention (BASELINES.md,
+  "A common cost ledger"), so that CoDeQ and PIC-PQ are compared on the same layers; 0 quantizes them like
+  every other layer, as published [paper, code]; 2..31 fixes them at that many bits.
+  """
+  c.codeq = optimizer_section(optimizer='adamw', learning_rate=1e-3, weight_decay=5e-4, schedule='cosine',
+                              epochs=30, batch_size=128, eval_batch_size=c.train.get_ref('eval_batch_size'))
+  c.codeq.groups = ml_collections.ConfigDict({
+      'weights': parameter_group(c.codeq.get_ref('learning_rate'), c.codeq.get_ref('weight_decay')),
+      'dead_zone': parameter_group(1e-2, 1.0, leaves=('logit_dz',)),
+      'bits': parameter_group(1e-2, 0.0, leaves=('logit_bit',)),
+  })
+  c.codeq.max_bits = 8
+  c.codeq.fixed_bits = ml_collections.FieldReference(None, field_type=int)
+  c.codeq.act_bits = 32
+  c.codeq.end_bits = 32
+  return c
 
 
 def add_export_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

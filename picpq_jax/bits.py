@@ -2,7 +2,7 @@
 
 For every prunable conv l, s_l is the fraction of the baseline kernel's total |W| that survives the
 pruning, counting a weight as removed when its output filter is pruned OR its input channel is (the
-source layer's mask is 0 there); then
+source layer's mask is 0 there: `topology.kernel_mask`, the one rule shared with pruning, cost and export); then
 
     bits_l = B_max,l                              if nothing of l was removed,
              B_max,l - ceil(penalty / s_l)         otherwise,
@@ -23,7 +23,7 @@ from typing import Any, Mapping, Union
 import jax.numpy as jnp
 import numpy as np
 
-from picpq_jax.topology import Layer, Topology
+from picpq_jax.topology import Layer, Topology, kernel_keep, kernel_mask
 
 FULL_PRECISION = 32
 MIN_BITS, MAX_BITS = 1, 32
@@ -73,32 +73,6 @@ def keep_vectors(topology: Topology, masks: Mapping[str, Any]) -> dict[str, np.n
   return keep
 
 
-def kept_weights(layer: Layer, out_keep: np.ndarray, in_keep: np.ndarray) -> np.ndarray:
-  """(in_channels / groups, out_channels) bool: kernel[..., i, j] survives iff output filter j and the input
-  channel it reads are both kept.
-
-  With groups g, filter j reads input channels (j // (out / g)) * (in / g) + i; for a depthwise conv
-  (kernel (k, k, 1, C)) that is channel j itself, so channel j goes when its own mask or its source's is 0.
-  """
-  in_per_group = layer.in_channels // layer.groups
-  out_per_group = layer.out_channels // layer.groups
-  group = np.arange(layer.out_channels) // out_per_group  # (out,)
-  in_index = group[None, :] * in_per_group + np.arange(in_per_group)[:, None]  # (in / g, out)
-  return out_keep[None, :] & in_keep[in_index]
-
-
-def input_keep(topology: Topology, keep: Mapping[str, np.ndarray], layer: Layer) -> np.ndarray:
-  """(in_channels,) bool: the input channels of `layer` that survive (its source layer's keep vector; all
-  of them for a layer that reads the image)."""
-  if layer.source is None:
-    return np.ones(layer.in_channels, bool)
-  source = keep[layer.source]
-  if source.shape != (layer.in_channels,):
-    raise ValueError(f'{topology.arch}: layer {layer.name!r} reads {layer.in_channels} channels but its source '
-                     f'{layer.source!r} has {source.shape[0]}; the topology is inconsistent.')
-  return source
-
-
 def _kernel(params: Mapping[str, Any], name: str) -> np.ndarray:
   if 'params' in params and name not in params:  # a whole variables dict was passed
     params = params['params']
@@ -118,10 +92,10 @@ def surviving_fraction(topology: Topology, baseline_params: Mapping[str, Any],
   out = {}
   for layer in topology.layers:
     magnitude = np.abs(_kernel(baseline_params, layer.name))  # (k, k, in / groups, out)
-    kept = kept_weights(layer, keep[layer.name], input_keep(topology, keep, layer))
-    if magnitude.shape[2:] != kept.shape:
+    kept = kernel_mask(topology, keep, layer.name)  # (1, 1, in / groups, out) bool
+    if magnitude.shape[2:] != kept.shape[2:]:
       raise ValueError(f'baseline kernel of {layer.name!r} has shape {magnitude.shape}; {topology.arch} '
-                       f'expects (k, k, {kept.shape[0]}, {kept.shape[1]}).')
+                       f'expects (k, k, {kept.shape[2]}, {kept.shape[3]}).')
     total = magnitude.sum()
     if total == 0:
       out[layer.name] = float(kept.mean())
@@ -137,7 +111,8 @@ def nothing_removed(topology: Topology, keep: Mapping[str, np.ndarray], layer: L
   weights need not round to exactly the total, and a removed filter whose weights are all 0 leaves s_l at
   1.0 although the layer was pruned (it then gets B_max - ceil(penalty), as any pruned layer with s_l = 1).
   """
-  return bool(keep[layer.name].all() and input_keep(topology, keep, layer).all())
+  in_keep, out_keep = kernel_keep(topology, keep, layer.name)
+  return bool(out_keep.all() and in_keep.all())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -248,11 +223,11 @@ def assign_bits_traced(topology: Topology, baseline_params: Mapping[str, Any], m
     if layer.source is None:
       out[layer.name] = jnp.int32(FULL_PRECISION)
       continue
-    in_keep = keep[layer.source]
-    kept = kept_weights(layer, keep[layer.name], in_keep)  # (in / groups, out) bool
+    in_keep, out_keep = kernel_keep(topology, keep, layer.name)
+    kept = kernel_mask(topology, keep, layer.name)  # (1, 1, in / groups, out) bool
     magnitude = jnp.abs(baseline_params[layer.name]['kernel'])
     total = magnitude.sum()
     s = jnp.where(total > 0, (magnitude * kept).sum() / jnp.maximum(total, 1e-30), kept.mean())
-    pruned = ~(keep[layer.name].all() & in_keep.all())
+    pruned = ~(out_keep.all() & in_keep.all())
     out[layer.name] = bits_from_fraction(s, layer.b_max, pruned, penalty, min_bits, xp=jnp).astype(jnp.int32)
   return out

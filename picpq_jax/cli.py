@@ -11,7 +11,7 @@ import ml_collections
 from picpq_jax import checkpoints
 
 # Errors that mean "the input is wrong": reported as one sentence, no traceback (PICPQ_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, checkpoints.CheckpointMismatchError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, checkpoints.CheckpointMismatchError)
 
 
 def report_user_errors(main):
@@ -31,20 +31,42 @@ def report_user_errors(main):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing where a bad `--config.x=y` override is one sentence and exit 2, not a traceback."""
+  """absl flag parsing where a bad `--config.x=y` override is one sentence and exit 2, not a traceback; so is
+  an override of another method's settings (`--config.codeq.epochs=3` with method.name='picpq')."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = ' '.join(re.sub(r'\\n|[\\\'"]', ' ', str(e)).split())
     bad = [a for a in argv[1:] if a.startswith('--config.')]
     print(f'error: could not apply the command-line settings {bad or argv[1:]}: {message} '
           f'(every key must exist in the config file; see configs/common.py).', file=sys.stderr)
     sys.exit(2)
+  config = getattr(flags.FLAGS, 'config', None)
+  if config is not None and 'method' in config:
+    message = other_method_setting(config.method.name, argv[1:])
+    if message:
+      print(f'error: {message}', file=sys.stderr)
+      sys.exit(2)
+  return rest
+
+
+def other_method_setting(method: str, args: list[str]):
+  """One sentence if a `--config.<section>.<key>` argument sets a section of a method other than `method`."""
+  from picpq_jax import methods  # pylint: disable=g-import-not-at-top
+  owners = methods.sections()
+  for arg in args:
+    match = re.match(r'--config\.([A-Za-z_]\w*)\.', arg)
+    if match and owners.get(match.group(1), method) != method:
+      section = match.group(1)
+      return (f'{arg.split("=")[0][2:]} is a setting of method {owners[section]!r}, but method.name={method!r} '
+              f'does not read it; drop it, or add --config.method.name={owners[section]}.')
+  return None
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fail fast, before any work, on settings that cannot work."""
+  """The general settings (model, data, training, fine-tuning, export) that cannot work; pipeline.check_config
+  runs this and then the chosen method's checks, before any work."""
   from picpq_jax import data, models, training  # pylint: disable=g-import-not-at-top
   if config.model.arch not in models.ARCHS:
     raise ValueError(f'model.arch={config.model.arch!r} is not an architecture of the zoo; choose one of '

@@ -11,7 +11,8 @@ Weight-level (unstructured) pruning (BASELINES.md, "A common cost ledger") is co
 array of each conv's nonzero kernel entries within its kept channels: sparse BOPs scale each conv's MACs by
 its density nonzero / kernel entries of the kept channels, and weight bits (the model size) are
 sum_l nonzero_l * w_bits_l plus the dense layers' kernels at 32 bits. `nonzero_weights` counts them from
-weight masks.
+channel masks and weight masks (applying `topology.kernel_mask`, the one rule for which kernel entries a
+channel mask removes).
 
 Every function is pure jnp over `keep`, a (..., L) array of kept output channels per prunable layer in
 forward order (floats or ints; any leading batch axes), so it runs under jit and vmap; the topology is a
@@ -28,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from picpq_jax import models
-from picpq_jax.topology import Topology
+from picpq_jax.topology import Topology, kernel_mask
 
 DENSE_BITS = 32  # the classifier stays full precision (METHOD.md, "Bits")
 
@@ -143,23 +143,28 @@ def dense_weights(topology: Topology, keep: Any) -> jax.Array:
   return dense_macs(topology, keep)
 
 
-def nonzero_weights(topology: Topology, keep: Any, weight_masks: Mapping[str, Any]) -> jax.Array:
-  """(..., L) float32 nonzero kernel entries per conv: what `sparse_bops` and `weight_bits` take as `nonzero`.
+def nonzero_weights(topology: Topology, masks: Mapping[str, Any], weight_masks: Mapping[str, Any]) -> jax.Array:
+  """(..., L) float32 live kernel entries per conv: what `sparse_bops` and `weight_bits` take as `nonzero`.
 
-  keep: (..., L) kept output channels per layer. weight_masks: layer name -> (..., k, k, c_in / groups, c_out)
-  array (HWIO, the kernel's shape) whose nonzero entries are the live weights: a 0/1 mask or the quantized
-  kernel itself. A layer absent from weight_masks has every entry of its kept channels live
-  (`kernel_entries`).
-
-  The entries of pruned channels must already be zero: pass the masks through
-  `pruning.zero_pruned_weights`, the one rule for which kernel entries a channel mask removes (cost.py cannot
-  import it: pruning.py imports cost.py). Counted here, a weight of a pruned channel would count as live.
+  masks: layer name -> (..., out_channels) 0/1 channel mask (a layer absent from it keeps every channel), as
+  `keep_counts` takes them. weight_masks: layer name -> (..., k, k, c_in / groups, c_out) array (HWIO, the
+  kernel's shape) whose nonzero entries are the live weights: a 0/1 mask or the quantized kernel itself,
+  passed as it is. An entry counts when it is nonzero AND the channel masks keep it (`topology.kernel_mask`,
+  the one rule for which kernel entries a channel mask removes), so a weight of a pruned channel never
+  counts. A layer absent from weight_masks has every entry of its kept channels live (`kernel_entries`, which
+  is the rule's count for masks that respect the chains: a depthwise conv's mask equals its source's).
   """
   for name in weight_masks:
     topology.index(name)  # raises for a name the model does not have
-  dense = kernel_entries(topology, _as_keep(keep).astype(jnp.float32))
-  counts = [jnp.sum(jnp.asarray(weight_masks[l.name]) != 0, axis=(-4, -3, -2, -1)).astype(jnp.float32)
-            if l.name in weight_masks else dense[..., i] for i, l in enumerate(topology.layers)]
+  dense = kernel_entries(topology, keep_counts(topology, masks))
+  channel_masks = {name: jnp.asarray(m, jnp.float32) for name, m in masks.items()}
+  counts = []
+  for i, l in enumerate(topology.layers):
+    if l.name in weight_masks:
+      live = (jnp.asarray(weight_masks[l.name]) != 0) & (kernel_mask(topology, channel_masks, l.name) != 0)
+      counts.append(jnp.sum(live, axis=(-4, -3, -2, -1)).astype(jnp.float32))
+    else:
+      counts.append(dense[..., i])
   batch = jnp.broadcast_shapes(*(jnp.shape(c) for c in counts))
   return jnp.stack([jnp.broadcast_to(c, batch) for c in counts], axis=-1)
 
@@ -202,24 +207,21 @@ def _head_params(topology: Topology) -> tuple[int, int]:
   """(parameters per kept input channel, parameters independent of pruning) of the dense head.
 
   The first dense layer has kept_inputs * out kernel entries; its bias, its BatchNorm (VGG) and the later
-  dense layers do not depend on pruning. The topology does not list the head's biases and BatchNorms, so
-  they are read from the zoo's spec (the head does not depend on the image size; any size the stem accepts
-  gives the same head). A topology built by hand must have a single dense layer with a bias.
+  dense layers do not depend on pruning. They are read from `topology.head`, the spec's dense layers. A
+  topology built by hand (head == ()) must have a single dense layer with a bias.
   """
-  if topology.arch not in models.ARCHS:
+  if not topology.head:
     if topology.head_fixed_macs:
-      raise ValueError(f'cost.params cannot count the dense layers after the first of {topology.arch!r}, which '
-                       'is not a zoo architecture; give it a single dense layer (head_fixed_macs=0).')
+      raise ValueError(f'cost.params cannot count the dense layers after the first of {topology.arch!r}, whose '
+                       'topology lists no head (Topology.head); build it with topology.topology_from_spec or '
+                       'give it a single dense layer (head_fixed_macs=0).')
     return topology.head_out_features, topology.head_out_features
-  stem = topology.layers[0]
-  spec = models.get_spec(topology.arch, topology.num_classes, stem.out_height * stem.stride,
-                         topology.in_channels)
   fixed = 0
-  for i, dense in enumerate(spec.head):
+  for i, dense in enumerate(topology.head):
     fixed += dense.out_features * (3 if dense.batch_norm else 1)  # bias (+ BatchNorm scale and bias)
     if i > 0:
       fixed += dense.in_features * dense.out_features
-  return spec.head[0].out_features, fixed
+  return topology.head[0].out_features, fixed
 
 
 def params(topology: Topology, keep: Any) -> jax.Array:
@@ -251,3 +253,53 @@ def keep_counts(topology: Topology, masks: Mapping[str, Any]) -> jax.Array:
   counts = [jnp.sum(jnp.asarray(masks[l.name], jnp.float32), axis=-1) if l.name in masks
             else jnp.full(batch, l.out_channels, jnp.float32) for l in topology.layers]
   return jnp.stack(counts, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ledger of a policy: every figure a report shows, computed here and nowhere else
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ledger(topology: Topology, policy) -> dict:
+  """The cost figures of a policy.Policy against the dense FP32 model (BASELINES.md, "A common cost ledger").
+
+  Returns plain floats: flops / params / bops / sparse_bops / weight_bits of the compressed model and their
+  `_dense` counterparts (every layer kept, 32 x 32 bits), bops_pruned_fp32 (the kept channels at 32 bits),
+  the kept fractions of FLOPs and params, the compression ratios (dense / compressed) of FLOPs, params,
+  BOPs, sparse BOPs and weight bits, the fraction of the kept channels' conv weights that are zero, and
+  `layers`: per prunable conv its
+  channels, kept channels, weight and activation bits, weight density, quantizer name and chain. Sparse BOPs
+  and weight bits count weight-level masks (equal to BOPs and dense weight bits without any).
+  """
+  full = np.full(topology.num_layers, 32, np.float32)
+  dense = dense_keep(topology).astype(np.float32)
+  keep = np.asarray(keep_counts(topology, policy.masks), np.float32)
+  w = np.array([policy.layers[n].weight_bits if n in policy.layers else 32 for n in topology.names], np.float32)
+  a = np.array([policy.layers[n].act_bits if n in policy.layers else 32 for n in topology.names], np.float32)
+  nonzero = np.asarray(nonzero_weights(topology, policy.masks, policy.weight_masks), np.float32)
+  entries = np.asarray(kernel_entries(topology, keep), np.float32)
+  dense_entries = np.asarray(kernel_entries(topology, dense), np.float32)
+  out = {
+      'flops_dense': float(flops(topology, dense)), 'flops': float(flops(topology, keep)),
+      'params_dense': float(params(topology, dense)), 'params': float(params(topology, keep)),
+      'bops_dense': float(bops(topology, dense, full, full)), 'bops': float(bops(topology, keep, w, a)),
+      'bops_pruned_fp32': float(bops(topology, keep, full, full)),
+      'sparse_bops': float(sparse_bops(topology, keep, nonzero, w, a)),
+      'weight_bits_dense': float(weight_bits(topology, dense, dense_entries, full)),
+      'weight_bits': float(weight_bits(topology, keep, nonzero, w)),
+  }
+  out['flops_kept_fraction'] = out['flops'] / out['flops_dense']
+  out['params_kept_fraction'] = out['params'] / out['params_dense']
+  out['flops_compression'] = out['flops_dense'] / out['flops']
+  out['params_compression'] = out['params_dense'] / out['params']
+  out['bops_compression'] = out['bops_dense'] / out['bops']
+  out['sparse_bops_compression'] = out['bops_dense'] / out['sparse_bops']
+  out['weight_bits_compression'] = out['weight_bits_dense'] / out['weight_bits']
+  # Zeros inside the kept channels only: channel pruning is what flops/bops already count.
+  out['conv_weight_sparsity'] = 1.0 - float(nonzero.sum() / entries.sum())
+  density = np.where(entries > 0, nonzero / np.maximum(entries, 1.0), 0.0)
+  out['layers'] = [
+      {'layer': l.name, 'channels': l.out_channels, 'kept': int(k), 'weight_bits': int(wb), 'act_bits': int(ab),
+       'density': float(d), 'quantizer': policy.quantizers.get(l.name, 'none'), 'chain': l.chain or ''}
+      for l, k, wb, ab, d in zip(topology.layers, keep, w, a, density)]
+  return out

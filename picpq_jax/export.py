@@ -60,6 +60,15 @@ gives the masked model's logits up to the order of the head's final sum (~1e-6).
 map differently, which can move a rare activation across a quantizer's rounding step (~0.1 on that image).
 32-bit layers convolve floats: the stem reads the same image channels in both models; any other 32-bit layer
 shares folding's risk. `logit_difference` measures it.
+
+CoDeQ's dead-zone quantizer (quant.deadzone_*; `export_model(..., quantizers={L: {'name': 'codeq', 'step': s,
+'shift': sh, 'bits': B, ...}})`, a Policy's per-layer quantizer). Such a conv stores its dead-zone codes q
+(in [-Q, Q], Q = 2^(B-1) - 1, packed at B bits as above) and its manifest entry holds 'quantizer': 'codeq',
+'step' and 'shift' (float32 values as JSON numbers) and 'scale': null; it is rebuilt as
+w = float32(s q + sh sign(q)) (float32 arithmetic, as quant.deadzone_dequant), and loads with weight bits 32
+in `bits`, so that the model uses the rebuilt kernel as it is (no quantizer applied again). A head layer named
+in `quantizers` is stored as its dequantized float32 kernel under 'dense/...' (the head is small), and the
+quantizers' logits are not stored. A file with a CoDeQ layer is version 2 (version 1 otherwise).
 """
 from __future__ import annotations
 
@@ -79,10 +88,14 @@ from picpq_jax import bits as bits_lib
 from picpq_jax import checkpoints, models, quant
 from picpq_jax.models.layers import BN_EPSILON
 from picpq_jax.models.spec import ArchSpec
-from picpq_jax.topology import topology_from_spec
+from picpq_jax.topology import Topology, kernel_input_channels, kernel_keep, topology_from_spec
 
 FORMAT = 'picpq-jax-export'
-VERSION = 1
+VERSION = 1  # PIC-PQ exports (and every export without a CoDeQ layer)
+CODEQ_VERSION = 2  # an export with CoDeQ layers: manifest entries carry 'quantizer', 'step', 'shift'
+READ_VERSIONS = (VERSION, CODEQ_VERSION)
+CODEQ = 'codeq'
+QUANTIZER_LEAVES = ('logit_dz', 'logit_bit')  # a CoDeQ layer's own parameters, not part of the network
 MANIFEST_KEY = '__manifest__'
 FULL_PRECISION = 32
 _DESCRIPTION = (
@@ -107,10 +120,6 @@ def kept_indices(spec: ArchSpec, masks: Mapping[str, Any] | None) -> dict[str, n
                    else np.arange(c.out_channels)) for c in spec.convs}
 
 
-def _input_indices(spec: ArchSpec, keep: Mapping[str, np.ndarray], source) -> np.ndarray | None:
-  return None if source is None else keep[source]
-
-
 def slim_spec(spec: ArchSpec, keep: Mapping[str, np.ndarray], kernel_on_grid: bool = False) -> ArchSpec:
   """The spec of the slimmed network: every conv's channels (and a depthwise conv's groups) cut to `keep`.
 
@@ -128,16 +137,43 @@ def slim_spec(spec: ArchSpec, keep: Mapping[str, np.ndarray], kernel_on_grid: bo
   return dataclasses.replace(spec, convs=tuple(convs), head=tuple(head))
 
 
+def _slim_kernel(topo: Topology, slim: Topology, channel_keep: Mapping[str, np.ndarray], name: str,
+                 kernel: np.ndarray) -> np.ndarray:
+  """Conv `name`'s kernel cut to the entries the channel masks keep (`topology.kernel_keep`, the one rule),
+  laid out as the slim conv (`slim`, the topology of `slim_spec`) reads them; ValueError when no slim conv
+  can (a grouped conv whose groups keep different numbers of channels)."""
+  layer, slim_layer = topo.layer(name), slim.layer(name)
+  in_keep, out_keep = kernel_keep(topo, channel_keep, name)
+  filters = np.flatnonzero(out_keep)
+  live = np.asarray(in_keep, bool)[:, filters].T  # (kept filters, in / groups): the entries each one keeps
+  width = slim_layer.in_channels // max(slim_layer.groups, 1)
+  fits = (slim_layer.groups >= 1 and slim_layer.in_channels % slim_layer.groups == 0
+          and slim_layer.out_channels % slim_layer.groups == 0 and np.all(live.sum(axis=1) == width))
+  if fits:
+    rows = np.nonzero(live)[1].reshape(filters.size, width).T  # (kept inputs per group, kept filters)
+    inputs = channel_keep.get(layer.source, np.ones(layer.in_channels, bool))
+    # The slim conv must read, at each entry, the input channel the masked conv reads there.
+    fits = np.array_equal(kernel_input_channels(layer)[rows, filters],
+                          np.flatnonzero(inputs)[kernel_input_channels(slim_layer)])
+  if not fits:
+    raise ValueError(f'masks of conv {name!r} (groups={layer.groups}) keep different numbers of channels in '
+                     f'its groups, so no slim conv reads what the masked one reads; keep as many channels in '
+                     f'every group (a depthwise conv and its source in one chain).')
+  return kernel[:, :, rows, filters]
+
+
 def slice_variables(spec: ArchSpec, variables: Mapping[str, Any], keep: Mapping[str, np.ndarray]) -> dict:
   """Cut `variables` ({'params', 'batch_stats'}) of the masked model down to the kept channels."""
+  topo, slim = topology_from_spec(spec), topology_from_spec(slim_spec(spec, keep))
+  channel_keep = {}
+  for c in spec.convs:
+    channel_keep[c.name] = np.zeros(c.out_channels, bool)
+    channel_keep[c.name][keep[c.name]] = True
   params = {k: v for k, v in variables['params'].items()}
   stats = {k: v for k, v in variables.get('batch_stats', {}).items()}
   for c in spec.convs:
     out = keep[c.name]
-    kernel = np.asarray(params[c.name]['kernel'])[..., out]
-    inp = _input_indices(spec, keep, c.source)
-    if inp is not None and not c.depthwise:
-      kernel = kernel[:, :, inp, :]
+    kernel = _slim_kernel(topo, slim, channel_keep, c.name, np.asarray(params[c.name]['kernel']))
     bn = {k: np.asarray(v)[out] for k, v in params[c.name]['bn'].items()}
     params[c.name] = {'kernel': kernel, 'bn': bn}
     if c.name in stats:
@@ -308,9 +344,53 @@ def _num_entries(tree) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
+def _num_dense_entries(params) -> int:
+  """Entries of the network's params, without a quantizer's own parameters (CoDeQ's logits)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return int(sum(np.size(x) for path, x in flat
+                 if getattr(path[-1], 'key', None) not in QUANTIZER_LEAVES))
+
+
+def _codeq_quantizers(spec: ArchSpec, variables: Mapping[str, Any], layer_bits: Mapping[str, tuple[int, int]],
+                      quantizers: Optional[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict]:
+  """layer name -> {'step', 'shift', 'bits'} of the layers (convs and head) whose quantizer is CoDeQ's,
+  checked against the spec, the bits and the variables."""
+  out = {}
+  known = {c.name for c in spec.convs} | {d.name for d in spec.head}
+  for name, q in (quantizers or {}).items():
+    if q.get('name', 'picpq') != CODEQ:
+      continue
+    if name not in known:
+      raise ValueError(f'quantizers name layer {name!r}, which {spec.arch} does not have.')
+    if name in layer_bits and int(q['bits']) != layer_bits[name][0]:
+      raise ValueError(f'quantizers[{name!r}] has bits={q["bits"]} but bits[{name!r}] gives '
+                       f'{layer_bits[name][0]} weight bits; pass the bits of the same policy.')
+    if not 2 <= int(q['bits']) < FULL_PRECISION:
+      raise ValueError(f'quantizers[{name!r}] has bits={q["bits"]}; a CoDeQ layer has 2..31 bits.')
+    out[name] = {'step': float(np.float32(q['step'])), 'shift': float(np.float32(q['shift'])),
+                 'bits': int(q['bits'])}
+  for d in spec.head:
+    if d.name not in out and any(k in variables['params'].get(d.name, {}) for k in QUANTIZER_LEAVES):
+      raise ValueError(f'head layer {d.name!r} has CoDeQ logits but `quantizers` does not name it; pass its '
+                       "{'name': 'codeq', 'step', 'shift', 'bits'} (the method's summary has them).")
+  return out
+
+
+def _deadzone_kernel_codes(kernel, q: Mapping[str, Any]) -> np.ndarray:
+  codes = np.asarray(quant.deadzone_codes_at(jnp.asarray(kernel, jnp.float32), q['step'], q['shift'], q['bits']))
+  return codes.astype(code_dtype(q['bits']))
+
+
+def deadzone_dequantize(codes, step: float, shift: float) -> np.ndarray:
+  """w = float32(s q + sh sign(q)), each operation in float32 (quant.deadzone_dequant's formula)."""
+  q = np.asarray(codes, np.float32)
+  return (np.float32(step) * q + np.float32(shift) * np.sign(q)).astype(np.float32)
+
+
 def export_model(path: str, spec: ArchSpec, variables: Mapping[str, Any], masks: Optional[Mapping[str, Any]],
                  bits: Optional[Mapping[str, Any]], *, fold_bn: bool = False,
-                 meta: Optional[Mapping[str, Any]] = None) -> dict:
+                 meta: Optional[Mapping[str, Any]] = None,
+                 quantizers: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict:
   """Write the compressed model (slim, integer weights; format in the module docstring) to `path`.
 
   Args:
@@ -321,6 +401,9 @@ def export_model(path: str, spec: ArchSpec, variables: Mapping[str, Any], masks:
     bits: layer name -> bits of weights and activations (or a (weight, activation) pair); absent: 32.
     fold_bn: store each conv's BatchNorm folded into a per-channel scale and shift (float32).
     meta: a JSON-serializable dict stored in the manifest (e.g. the run's config and accuracy).
+    quantizers: layer name -> {'name': ..., parameters} (a Policy's `layers[name].quantizer`); layers whose
+      name is 'codeq' are coded with CoDeQ's dead-zone grid ('step', 'shift', 'bits'; module docstring),
+      convs and head layers alike; the others (absent, 'picpq') as before.
 
   Returns:
     `size_report(path)`.
@@ -333,9 +416,19 @@ def export_model(path: str, spec: ArchSpec, variables: Mapping[str, Any], masks:
   except (TypeError, ValueError) as e:
     raise ValueError(f'meta must be a JSON-serializable dict ({e}).') from None
 
+  codeq_layers = _codeq_quantizers(spec, variables, layer_bits, quantizers)
   # Quantize every kernel WHOLE (as the masked model does), then slice codes and everything else together.
-  params = {k: dict(v) if isinstance(v, Mapping) else v for k, v in variables['params'].items()}
-  quantized = [c.name for c in spec.convs if layer_bits[c.name][0] < FULL_PRECISION]
+  params = {k: ({n: x for n, x in v.items() if n not in QUANTIZER_LEAVES} if isinstance(v, Mapping) else v)
+            for k, v in variables['params'].items()}
+  for d in spec.head:
+    if d.name in codeq_layers:
+      q = codeq_layers[d.name]
+      params[d.name]['kernel'] = deadzone_dequantize(_deadzone_kernel_codes(params[d.name]['kernel'], q),
+                                                     q['step'], q['shift'])
+  for name in [c.name for c in spec.convs if c.name in codeq_layers]:
+    params[name]['kernel'] = _deadzone_kernel_codes(params[name]['kernel'], codeq_layers[name])
+  quantized = [c.name for c in spec.convs
+               if layer_bits[c.name][0] < FULL_PRECISION and c.name not in codeq_layers]
   coded = quantize_kernels([variables['params'][name]['kernel'] for name in quantized],
                            [layer_bits[name][0] for name in quantized])
   scales = {}
@@ -363,14 +456,17 @@ def export_model(path: str, spec: ArchSpec, variables: Mapping[str, Any], masks:
         name=c.name, kept=keep[c.name].tolist(), weight_bits=w_bits, act_bits=a_bits,
         kernel_shape=list(np.shape(kernel)), scale=scales.get(c.name),
         code_dtype=code_dtype(w_bits).name if w_bits < FULL_PRECISION else 'float32'))
+    if c.name in codeq_layers:
+      layers[-1].update(quantizer=CODEQ, step=codeq_layers[c.name]['step'], shift=codeq_layers[c.name]['shift'])
   for collection in ('params', 'batch_stats'):
     rest = {k: v for k, v in slim.get(collection, {}).items() if k not in conv_names}
     arrays.update(_flatten(rest, f'dense/{collection}'))
 
   manifest = dict(
-      format=FORMAT, version=VERSION, description=_DESCRIPTION, arch=spec.arch, num_classes=spec.num_classes,
-      image_size=spec.image_size, in_channels=spec.in_channels, fold_bn=bool(fold_bn), bn_epsilon=BN_EPSILON,
-      dense_params=_num_entries(variables['params']), layers=layers, meta=meta_json)
+      format=FORMAT, version=CODEQ_VERSION if codeq_layers else VERSION, description=_DESCRIPTION,
+      arch=spec.arch, num_classes=spec.num_classes, image_size=spec.image_size, in_channels=spec.in_channels,
+      fold_bn=bool(fold_bn), bn_epsilon=BN_EPSILON, dense_params=_num_dense_entries(variables['params']),
+      layers=layers, meta=meta_json)
   arrays[MANIFEST_KEY] = np.frombuffer(json.dumps(manifest).encode('utf-8'), np.uint8)
   checkpoints.write_npz(path, arrays)
   return size_report(path)
@@ -402,9 +498,9 @@ def read_export(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     raise _not_an_export(path, 'its manifest is not JSON') from None
   if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
     raise _not_an_export(path, f'its manifest has no format {FORMAT!r}')
-  if manifest.get('version') != VERSION:
+  if manifest.get('version') not in READ_VERSIONS:
     raise ValueError(f'{path} is a picpq-jax export of format version {manifest.get("version")!r}; this '
-                     f'version of picpq_jax reads version {VERSION}.')
+                     f'version of picpq_jax reads versions {list(READ_VERSIONS)}.')
   return manifest, arrays
 
 
@@ -436,7 +532,8 @@ def load_model(path: str):
   module = models.Net(slim spec), applied without masks: `module.apply(variables, x, bits=bits)`;
   variables hold the dequantized kernels (and, for a folded export, BatchNorm variables that are the folded
   affine map); bits = {layer: int32 [weight_bits, act_bits]}. The slim spec marks its kernels as on their
-  grid, so the model reads their codes back instead of quantizing them again.
+  grid, so the model reads their codes back instead of quantizing them again. A CoDeQ layer's kernel holds
+  s q + sh sign(q) and its weight bits in `bits` are 32: the model uses that kernel as it is.
   """
   manifest, arrays = read_export(path)
   try:
@@ -454,7 +551,11 @@ def load_model(path: str):
         raise ValueError(f'layer {c.name!r} has kernel shape {entry["kernel_shape"]}, its kept channels '
                          f'give {list(shape)}')
       w_bits = int(entry['weight_bits'])
-      if w_bits < FULL_PRECISION:
+      if entry.get('quantizer') == CODEQ:
+        codes = unpack_codes(arrays[f'{c.name}/codes'], w_bits, math.prod(shape))
+        kernel = deadzone_dequantize(codes.reshape(shape), float(entry['step']), float(entry['shift']))
+        w_bits = FULL_PRECISION  # the kernel holds its levels already
+      elif w_bits < FULL_PRECISION:
         codes = unpack_codes(arrays[f'{c.name}/codes'], w_bits, math.prod(shape))
         kernel = dequantize(codes.reshape(shape), float(entry['scale']))
       else:
@@ -495,7 +596,9 @@ def size_report(path: str) -> dict:
   weight_arrays = {f'{l["name"]}/codes' for l in manifest['layers']} | {
       f'{l["name"]}/kernel' for l in manifest['layers']}
   floats = sum(a.size for k, a in arrays.items() if k not in weight_arrays)
-  floats += sum(l['weight_bits'] < FULL_PRECISION for l in manifest['layers'])  # the weight scales
+  # The weight scales: one per quantized conv, two (step, shift) per CoDeQ conv.
+  floats += sum((2 if l.get('quantizer') == CODEQ else 1) * (l['weight_bits'] < FULL_PRECISION)
+                for l in manifest['layers'])
   dense = 4 * int(manifest['dense_params'])
   export = os.path.getsize(path)
   ideal = math.ceil(conv_bits / 8 + 4 * floats)
@@ -517,16 +620,30 @@ def compiled_apply(spec: ArchSpec):
   return jax.jit(models.Net(spec).apply)
 
 
+CODEQ_TOLERANCE = 1e-4  # relative to max(1, max |logit|): see logit_difference
+
+
 def logit_difference(path: str, spec: ArchSpec, variables: Mapping[str, Any],
-                     masks: Optional[Mapping[str, Any]], bits: Optional[Mapping[str, Any]], x) -> np.ndarray:
+                     masks: Optional[Mapping[str, Any]], bits: Optional[Mapping[str, Any]], x, *,
+                     model=None) -> np.ndarray:
   """Per image of the batch x: max |logits of the masked fake-quantized model - logits of the loaded export|.
 
   Both run in eval mode, compiled. An unfolded export agrees to ~1e-6 (the module docstring says why); a
   folded one can differ on a rare image by ~0.1 (one activation rounded the other way); a wrong export
   differs on every image.
+
+  model: the Net that ran the policy when it is not `Net(spec)`, e.g. CoDeQ's (quantizer='codeq'), whose
+  fake-quantized kernels W^ = s q + sh sign(q) are compared with the export's rebuilt ones. Those are not
+  integer codes times one scale, so the sums are ordinary float32 sums, not exact: the two models hold the
+  same kernel values up to one float32 rounding of s q + sh sign(q) (XLA may fuse it into one FMA, numpy
+  does not), which leaves the logits equal to float32 rounding, CODEQ_TOLERANCE = 1e-4 x max(1, max |logit|)
+  (ResNet-20 on MNIST: ~1e-6 measured). With activations quantized (act_bits < 32) CoDeQ's model multiplies
+  the activation codes by their step before the conv and the export after it, so a rare activation can round
+  the other way (as with folded BatchNorm, ~0.1 on that image).
   """
   masks = {k: jnp.asarray(v, jnp.float32) for k, v in (masks or {}).items()}
-  want = compiled_apply(spec)(variables, x, masks=masks, bits=bits_lib.bits_tree(bits or {}))
+  apply = compiled_apply(spec) if model is None else jax.jit(model.apply)
+  want = apply(variables, x, masks=masks, bits=bits_lib.bits_tree(bits or {}))
   module, slim_vars, slim_bits = load_model(path)
   got = compiled_apply(module.spec)(slim_vars, x, bits=slim_bits)
   return np.asarray(jnp.max(jnp.abs(got - want), axis=-1))

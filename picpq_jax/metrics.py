@@ -46,16 +46,3 @@ def read_jsonl(path: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Write JSON atomically (temp file + rename): a killed run never leaves a half-written result."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, default=_plain)
-  os.replace(tmp, path)
-
-
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)

@@ -1,7 +1,12 @@
-"""The stages of a run, each resumable, driven by a config (DESIGN.md, "Shape").
+"""The stages of a run, each resumable, driven by a config (DESIGN.md, "Shape"); orchestration only.
+
+    check_config -> dense baseline -> the method (config.method.name: methods/) -> Policy
+                 -> fine-tuning with the policy frozen (or evaluation of the method's own trained model)
+                 -> export -> report
 
 Each stage writes its result into the workdir when it finishes (atomically); a finished stage is loaded
-instead of recomputed, and an unfinished one resumes from its own checkpoints.
+instead of recomputed, and an unfinished one resumes from its own checkpoints. Nothing here depends on which
+method made the policy.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from picpq_jax import calibration, data, metrics, models, training
+from picpq_jax import calibration, checkpoints, cost, data, methods, models, training
+from picpq_jax import policy as policy_lib
 
 BASELINE = 'baseline'
 
@@ -45,7 +51,7 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   path = os.path.join(workdir, BASELINE + '.json')
   if os.path.exists(path):
-    summary = metrics.read_json(path)
+    summary = checkpoints.read_json(path)
     if summary.get('arch') != config.model.arch:
       raise ValueError(f'{workdir} holds a {summary.get("arch")} baseline but model.arch='
                        f'{config.model.arch!r}; use the matching config or a fresh --workdir.')
@@ -61,7 +67,7 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'test': evaluate_split(config, model, variables, 'test'),
       'wall_time_s': time.time() - t0,
   }
-  metrics.write_json(path, summary)
+  checkpoints.write_json(path, summary)
   return summary
 
 
@@ -70,194 +76,72 @@ def load_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Compression stages
+# Checks, all before any work
 # ----------------------------------------------------------------------------------------------------------
 
-FILTER_PROPERTIES = 'filter_properties.npz'
-SEARCH = 'search'
-POLICY = 'policy.json'
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Every setting a run cannot work with, each a ValueError of one sentence naming the key, before any work:
+  the general ones (cli.check_config), then the chosen method's (methods.<name>.check_config)."""
+  from picpq_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.check_config(config)
+  method = methods.get(config.method.name)
+  method.check_config(config, build_topology(config))
 
 
-def check_search_config(config: ml_collections.ConfigDict, topo) -> None:
-  """Settings the search cannot run with, reported before any work starts."""
-  from picpq_jax import criteria, evolution, fitness, pruning, topology  # pylint: disable=g-import-not-at-top
-  s = config.search
-  model = f'{topo.arch} ({topo.num_layers} prunable convs)'
-  if isinstance(s.keep_fraction, bool) or not 0 < s.keep_fraction <= 1:
-    raise ValueError(f'search.keep_fraction={s.keep_fraction!r} must lie in (0, 1]: it is the fraction of the '
-                     f'dense FLOPs of {model} that the pruned model keeps, e.g. 0.45.')
-  if isinstance(s.tau, bool) or not isinstance(s.tau, (int, np.integer)) or s.tau < 0:
-    raise ValueError(f'search.tau={s.tau!r} must be a non-negative integer: it counts the SGD steps that fine-tune '
-                     f'each pruned candidate of {model} before its fitness is measured (0 skips them; the '
-                     'original uses 200).')
-  topology.check_b_max(s.b_max, topo)
-  if s.criterion not in criteria.PROPERTIES:
-    raise ValueError(f'search.criterion={s.criterion!r} is not a filter property; choose one of '
-                     f'{list(criteria.PROPERTIES)}.')
-  fitness.resolve_eval_mode(s.eval_mode)
-  strategy, _ = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
-                                        s.total_evaluations, tournament_size=s.tournament)
-  if isinstance(strategy, evolution.AgingEvolution) and s.population < s.tournament:
-    # Draws with replacement would still work, but a tournament larger than the population is a typo.
-    raise ValueError(f'search.population ({s.population}) is smaller than search.tournament ({s.tournament}); '
-                     'the tournament draws from the population: lower search.tournament or raise '
-                     'search.population.')
-  # The identity candidate (a = 1, b = 0) with all-zero properties: if even it cannot reach the target under
-  # the safeguard, global_prune says so in one sentence.
-  zeros = [np.zeros(l.out_channels, np.float32) for l in topo.layers]
-  pruning.global_prune(topo, zeros, np.ones(topo.num_layers), np.zeros(topo.num_layers), s.keep_fraction,
-                       s.safeguard, s.check_every)
-  if s.val_batch_size > config.data.val_size:
-    raise ValueError(f'search.val_batch_size={s.val_batch_size} exceeds data.val_size={config.data.val_size}; '
-                     'the fitness needs at least one full validation batch.')
+# ----------------------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------------------
 
 
-def compute_filter_properties(config, workdir: str, model, topo, variables) -> dict:
-  """Stage 2: per-layer FP vectors (saved to <workdir>/filter_properties.npz)."""
-  from picpq_jax import criteria  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, FILTER_PROPERTIES)
-  if os.path.exists(path):
-    with np.load(path) as f:
-      return {name: f[name] for name in topo.names}
-  s = config.search
-  batches = None
-  if s.criterion == 'rank':
-    # Eval-mode statistics on plain (unaugmented) training images, as the original's calibration.
-    batches = data.fixed_batches(config.data, 'train', s.calibration_batch_size, s.calibration_batches,
-                                 seed=config.seed, train=False)['image']
-  fp = criteria.filter_properties(model, variables, batches, s.criterion)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **fp)
-  os.replace(tmp, path)
-  return fp
-
-
-def search_batches(config, info) -> tuple[dict, dict]:
-  """The fitness's data: tau augmented training batches (the same for every candidate) and the
-  validation batches."""
-  s = config.search
-  shape = (info.image_size, info.image_size, info.in_channels)
-  if s.tau > 0:
-    train = data.fixed_batches(config.data, 'train', s.batch_size, s.tau, seed=config.seed, train=True)
-  else:
-    train = {'image': np.zeros((0, s.batch_size, *shape), np.float32),
-             'label': np.zeros((0, s.batch_size), np.int32)}
-  num_val = config.data.val_size // s.val_batch_size
-  val = data.fixed_batches(config.data, 'validation', s.val_batch_size, num_val, seed=config.seed, train=False)
-  return train, val
-
-
-def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
-  """Stage 3: the evolutionary search over (a, b); checkpointed every round under <workdir>/search.
-
-  Writes <workdir>/search.json (best candidate, decoded) and search_history.npz (every candidate's a, b,
-  loss, FLOPs), and the plot search_loss.png. Returns the search.json content.
-  """
-  from picpq_jax import criteria, evolution, fitness, pruning, report  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'search.json')
-  if os.path.exists(path):
-    return metrics.read_json(path)
-  s = config.search
-  info = data.dataset_info(config.data)
-  fp_padded = pruning.pad_filter_properties(topo, fp)
-  std = criteria.fp_std(fp, topo.names)
-  train, val = search_batches(config, info)
-  fns = fitness.CandidateFns(model, topo, fp_padded, s)
-  evaluate = fitness.PopulationFitness(fns, variables, train, val, s.chunk_size, s.eval_mode)
-  prune = jax.jit(lambda a, b: pruning.prune_masks_batched(topo, fp_padded, a, b, s.keep_fraction, s.safeguard,
-                                                           s.check_every))
-  plans = lambda a, b: fitness.plan_keys(topo, jax.device_get(prune(a, b)[0]))  # noqa: E731
-  losses = lambda a, b: evaluate(a, b)['loss']  # noqa: E731
-  if s.cache_plans:
-    losses = fitness.PlanCache(losses, plans)
-
-  def decoded(x):
-    return tuple(np.asarray(v) for v in evolution.decode(x, std))
-
-  strategy, params = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
-                                             s.total_evaluations, tournament_size=s.tournament)
-  t0 = time.time()
-  result = evolution.run_search(
-      strategy, params, lambda x: losses(*decoded(x)), jax.random.key(config.seed), topo.num_layers,
-      s.total_evaluations, progress=True, checkpoint_dir=os.path.join(workdir, SEARCH),
-      initial_slice=evaluate.group,
-      on_restore=(lambda x, loss: losses.remember(*decoded(x), loss)) if s.cache_plans else None)
-  wall = time.time() - t0
-  a_hist, b_hist = decoded(result.history_population)
-  hist_masks, hist_info = jax.device_get(prune(a_hist, b_hist))
-  # Which evaluations repeated an earlier plan: with search.cache_plans these took the stored loss.
-  repeated = fitness.repeated_plans(fitness.plan_keys(topo, hist_masks))
-  loss = np.asarray(result.history_fitness)
-  tmp = os.path.join(workdir, 'search_history.tmp.npz')
-  np.savez(tmp, a=a_hist, b=b_hist, loss=loss, flops=np.asarray(hist_info['flops']),
-           reached=np.asarray(hist_info['reached']), repeated_plan=repeated)
-  os.replace(tmp, os.path.join(workdir, 'search_history.npz'))
-  saved = int(repeated.sum()) if s.cache_plans else 0
-  report.plot_search(loss, os.path.join(workdir, 'search_loss.png'),
-                     f'{config.model.arch} on {config.data.name}: {s.strategy}', repeated=repeated)
-  best_a, best_b = (np.asarray(v).tolist() for v in evolution.decode(result.best_solution, std))
-  summary = {'arch': config.model.arch, 'strategy': s.strategy, 'evaluations': int(len(loss)),
-             'distinct_plans': int(len(loss) - repeated.sum()), 'evaluations_saved': saved,
-             'best_loss': float(result.best_fitness), 'a': best_a, 'b': best_b,
-             'failed_candidates': int(np.sum(~np.isfinite(loss))), 'wall_time_s': wall,
-             'candidates_per_s': len(loss) / max(wall, 1e-9)}
-  metrics.write_json(path, summary)
-  return summary
-
-
-def derive_policy(config, workdir: str, topo, variables, fp, found: dict) -> dict:
-  """Stages 4-5: masks of the best (a, b) by global ranking, then bits from the surviving magnitude.
-
-  Writes <workdir>/policy.json (layer name -> kept channel indices and bits, for people and programs).
-  """
-  from picpq_jax import bits as bits_lib, pruning, report  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, POLICY)
-  if os.path.exists(path):
-    return metrics.read_json(path)
-  s = config.search
-  masks, info = pruning.global_prune(topo, fp, np.asarray(found['a']), np.asarray(found['b']),
-                                     s.keep_fraction, s.safeguard, s.check_every)
-  masks = {k: np.asarray(v) for k, v in masks.items()}
-  bits = bits_lib.assign_bits(topo, variables['params'], masks, None, s.bit_penalty, s.min_bits)
-  policy = {
-      'arch': config.model.arch, 'dataset': config.data.name, 'keep_fraction': s.keep_fraction,
-      'masks': {k: v.astype(int).tolist() for k, v in masks.items()},
-      'bits': bits,
-      'summary': report.compression_summary(topo, masks, bits),
-  }
-  metrics.write_json(path, policy)
-  return policy
-
-
-def policy_arrays(policy: dict) -> tuple[dict, dict]:
-  """(masks, bits) of a policy.json as the model's arguments (float masks; int bits per layer)."""
-  masks = {k: np.asarray(v, np.float32) for k, v in policy['masks'].items()}
-  return masks, {k: int(v) for k, v in policy['bits'].items()}
+def run_method(config: ml_collections.ConfigDict, workdir: str) -> methods.Result:
+  """The chosen method from the dense baseline in workdir (resumable; a finished method is reloaded)."""
+  model, info = build_model(config)
+  context = methods.Context(config=config, workdir=workdir, model=model, topology=build_topology(config, info),
+                            info=info, baseline=load_baseline(config, workdir))
+  return methods.get(config.method.name).run(context)
 
 
 def compress(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The whole pipeline: baseline -> filter properties -> search -> masks + bits (-> fine-tuning)."""
+  """The whole run: baseline -> method -> policy -> fine-tuning (or evaluation) -> export -> report."""
   from picpq_jax import report  # pylint: disable=g-import-not-at-top
-  model, info = build_model(config)
-  topo = build_topology(config, info)
-  check_search_config(config, topo)
+  check_config(config)
   baseline = train_baseline(config, workdir)
-  variables = load_baseline(config, workdir)
-  fp = compute_filter_properties(config, workdir, model, topo, variables)
-  found = run_search(config, workdir, model, topo, variables, fp)
-  policy = derive_policy(config, workdir, topo, variables, fp, found)
-  masks, bits = policy_arrays(policy)
-  table = report.policy_table(topo, masks, bits)
-  tuned = finetune(config, workdir, model, topo, policy) if config.finetune.enabled else None
-  exported = export_run(config, workdir) if tuned else None
-  summary = report.run_summary(workdir, topo, baseline, policy, found, tuned, exported)
+  result = run_method(config, workdir)
+  topo = build_topology(config)
+  tuned = (finetune(config, workdir, topo, result) if config.finetune.enabled
+           else evaluate_method(config, workdir, result))
+  exported = export_run(config, workdir, result, tuned)
+  summary = run_summary(config, workdir, baseline, result, tuned, exported)
   report.write_run_report(workdir, summary)
-  return {'baseline': baseline, 'search': found, 'policy': policy, 'finetune': tuned, 'table': table,
-          'summary': summary}
+  return {'baseline': baseline, 'method': result.summary, 'policy': result.policy, 'finetune': tuned,
+          'table': report.policy_table(summary), 'summary': summary}
+
+
+def run_summary(config, workdir: str, baseline: dict, result: methods.Result, tuned: Optional[dict],
+                exported: Optional[dict]) -> dict:
+  """The numbers of one run (what the field reports), gathered for report.write_run_report."""
+  policy = result.policy
+  method = methods.get(policy.method)
+  out = {
+      'arch': policy.arch, 'dataset': policy.dataset, 'method': policy.method, 'settings': dict(policy.settings),
+      'provenance': list(getattr(method, 'PROVENANCE', ())), 'workdir': os.path.abspath(workdir),
+      'baseline_test_accuracy': baseline['test']['accuracy'],
+      'compressed_test_accuracy': tuned['test']['accuracy'] if tuned else None,
+      'compressed_validation_accuracy': tuned['validation']['accuracy'] if tuned else None,
+      **cost.ledger(build_topology(config), policy),
+      'method_summary': dict(result.summary),
+      'wall_time_s': {'baseline': baseline.get('wall_time_s'), 'method': result.summary.get('wall_time_s'),
+                      **({k: v['wall_time_s'] for k, v in tuned.get('stages', {}).items()} if tuned else {})},
+      'export': exported,
+  }
+  if tuned:
+    out['accuracy_drop'] = out['baseline_test_accuracy'] - out['compressed_test_accuracy']
+  return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fine-tuning the found policy
+# Fine-tuning with the policy frozen
 # ----------------------------------------------------------------------------------------------------------
 
 # (stage name, epochs key in config.finetune, which of the layer's bits apply: weights, activations)
@@ -267,35 +151,33 @@ FINETUNE_STAGES = (('finetune_fp', 'fp_epochs', False, False),
 FINETUNE = 'finetune.json'
 
 
-def stage_bits(bits: dict, weights: bool, activations: bool) -> Optional[dict]:
-  """The model's `bits` argument for a stage: each layer's bits on weights and/or activations, else 32."""
-  from picpq_jax import bits as bits_lib  # pylint: disable=g-import-not-at-top
-  if not (weights or activations):
-    return None
-  return bits_lib.bits_tree({n: (b if weights else 32, b if activations else 32) for n, b in bits.items()})
-
-
 def stage_train_config(config, epochs: int) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(config.finetune.to_dict())
   cfg.epochs = epochs
   return cfg
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str, model, topo, policy: dict) -> dict:
-  """Stages 6-7: fine-tune the pruned model, then QAT with activations, then weights and activations.
+def start_variables(config, workdir: str, topo, result: methods.Result) -> dict:
+  """What fine-tuning starts from: the method's variables (or the baseline's) with pruned channels zeroed."""
+  from picpq_jax import pruning  # pylint: disable=g-import-not-at-top
+  variables = result.variables or load_baseline(config, workdir)
+  return {**variables, 'params': pruning.zero_pruned_weights(topo, variables['params'], result.policy.masks)}
 
-  Each stage starts from the best validation checkpoint of the previous one (the baseline for the first),
-  is resumable, and keeps the pruned weights at exactly 0. Writes <workdir>/finetune.json (per stage:
+
+def finetune(config: ml_collections.ConfigDict, workdir: str, topo, result: methods.Result) -> dict:
+  """Fine-tune the policy: with masks, then activations quantized, then weights and activations.
+
+  Each stage starts from the best validation checkpoint of the previous one (the method's variables for the
+  first), is resumable, and keeps the pruned weights at exactly 0. Writes <workdir>/finetune.json (per stage:
   validation accuracy, best epoch, wall time; final test accuracy, measured once).
   """
-  from picpq_jax import pruning  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, FINETUNE)
   if os.path.exists(path):
-    return metrics.read_json(path)
-  masks, bits = policy_arrays(policy)
+    return checkpoints.read_json(path)
+  model, policy = result.model, result.policy
+  masks = policy_lib.model_arguments(policy)['masks']
   baseline = load_baseline(config, workdir)
-  variables = {'params': pruning.zero_pruned_weights(topo, baseline['params'], masks),
-               'batch_stats': baseline['batch_stats']}
+  variables = start_variables(config, workdir, topo, result)
   stages, activation_scale = {}, None
   for name, epochs_key, on_weights, on_acts in FINETUNE_STAGES:
     epochs = config.finetune[epochs_key]
@@ -307,75 +189,104 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, model, topo, polic
                                   train=False)['image']
       variables, activation_scale = calibration.fit_to_quantizer_range(
           model, variables, images.reshape(-1, *images.shape[2:]), masks, config.finetune.calibration_percentile)
-    result = training.fit(config, workdir, model, stage=name, init_variables=variables, masks=masks,
-                          bits=stage_bits(bits, on_weights, on_acts), train_cfg=stage_train_config(config, epochs),
-                          select_best=True, teacher=baseline)
+    stage_policy = policy_lib.with_stage_bits(policy, on_weights, on_acts)
+    fitted = training.fit(config, workdir, model, stage=name, init_variables=variables,
+                          train_cfg=stage_train_config(config, epochs), select_best=True, teacher=baseline,
+                          **policy_lib.model_arguments(stage_policy))
     variables = training.load_variables(workdir, name, config, best=True)
-    stages[name] = {'epochs': epochs, 'best_val_accuracy': result['best']['accuracy'],
-                    'best_epoch': result['best']['epoch'] + 1, 'wall_time_s': result['wall_time_s']}
-  final_bits = stage_bits(bits, True, True)
-  summary = {
-      'stages': stages,
-      'activation_scale': activation_scale,
-      'validation': evaluate_split(config, model, variables, 'validation', masks, final_bits),
-      'test': evaluate_split(config, model, variables, 'test', masks, final_bits),
-  }
-  metrics.write_json(path, summary)
+    stages[name] = {'epochs': epochs, 'best_val_accuracy': fitted['best']['accuracy'],
+                    'best_epoch': fitted['best']['epoch'] + 1, 'wall_time_s': fitted['wall_time_s']}
+  summary = {'stages': stages, 'activation_scale': activation_scale,
+             **evaluate_policy(config, model, variables, policy)}
+  checkpoints.write_json(path, summary)
   return summary
 
 
+def evaluate_policy(config, model, variables, policy: policy_lib.Policy) -> dict:
+  """{'validation': ..., 'test': ...} loss and accuracy of `variables` run under the whole policy."""
+  args = policy_lib.model_arguments(policy)
+  return {split: evaluate_split(config, model, variables, split, args['masks'], args['bits'])
+          for split in ('validation', 'test')}
+
+
+EVALUATION = 'evaluation.json'
+
+
+def evaluate_method(config, workdir: str, result: methods.Result) -> Optional[dict]:
+  """Without fine-tuning: the method's own trained model under its policy (CoDeQ's training is its QAT);
+  None for a method that trains nothing (its policy has not been fine-tuned, so it has no accuracy yet)."""
+  if result.variables is None:
+    return None
+  path = os.path.join(workdir, EVALUATION)
+  if os.path.exists(path):
+    return checkpoints.read_json(path)
+  summary = evaluate_policy(config, result.model, result.variables, result.policy)
+  checkpoints.write_json(path, summary)
+  return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------
+
 EXPORT = 'model_export.npz'
+EXPORT_REPORT = 'export.json'
 
 
-def load_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The policy.json of a search workdir, checked to belong to this config's architecture."""
-  path = os.path.join(workdir, POLICY)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir} has no {POLICY}: the search there is incomplete or never ran; run '
-                            f'search.py --workdir {workdir} with the same config first.')
-  policy = metrics.read_json(path)
-  if policy.get('arch') != config.model.arch:
-    raise ValueError(f'{path} is a policy for {policy.get("arch")} but model.arch={config.model.arch!r}; use the '
-                     'config the search ran with.')
-  return policy
+def final_variables(config, workdir: str, result: methods.Result) -> Optional[dict]:
+  """The compressed model's variables: the last fine-tuning stage's best, else the method's own."""
+  last = FINETUNE_STAGES[-1][0]
+  directory = os.path.join(workdir, last + '_best')
+  if os.path.isdir(directory) and os.listdir(directory):
+    return training.load_variables(workdir, last, config, best=True)
+  return result.variables
 
 
-def export_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stage 8: the fine-tuned, quantized model as a slimmed, integer-coded file (<workdir>/model_export.npz).
+def export_run(config: ml_collections.ConfigDict, workdir: str, result: methods.Result,
+               tuned: Optional[dict]) -> Optional[dict]:
+  """The compressed model as a slimmed, integer-coded file (<workdir>/model_export.npz); None when there is
+  no compressed model yet (no fine-tuning and a method that trains nothing).
 
   BatchNorm folded or kept as config.export.fold_bn says. Returns the size report (dense FP32 bytes, file
   bytes, ratio) and, on config.export.check_images test images, the largest |logit difference| between the
-  loaded export and the masked fake-quantized model.
+  loaded export and the masked fake-quantized model. Saved in export.json and reused.
   """
   from picpq_jax import export  # pylint: disable=g-import-not-at-top
-  policy = load_policy(config, workdir)
-  last = FINETUNE_STAGES[-1][0]
-  directory = os.path.join(workdir, last + '_best')
-  if not os.path.isdir(directory) or not os.listdir(directory):
-    raise FileNotFoundError(f'{workdir} has no fine-tuned checkpoint ({directory}); run the fine-tuning first '
-                            '(search.py with finetune.enabled=True, or train.py --finetune).')
-  variables = training.load_variables(workdir, last, config, best=True)
-  masks, bits = policy_arrays(policy)
+  report_path = os.path.join(workdir, EXPORT_REPORT)
+  if tuned is None:
+    return None
+  if os.path.exists(report_path) and os.path.exists(os.path.join(workdir, EXPORT)):
+    return checkpoints.read_json(report_path)
+  variables = final_variables(config, workdir, result)
+  policy = result.policy
+  args = policy_lib.model_arguments(policy)
   info = data.dataset_info(config.data)
   spec = models.get_spec(config.model.arch, info.num_classes, info.image_size, info.in_channels)
   path = os.path.join(workdir, EXPORT)
-  report = export.export_model(path, spec, variables, masks, bits, fold_bn=config.export.fold_bn,
-                               meta={'dataset': config.data.name})
+  bits = {name: (l.weight_bits, l.act_bits) for name, l in policy.layers.items()}
+  summary = export.export_model(path, spec, variables, args['masks'], bits, fold_bn=config.export.fold_bn,
+                                meta={'dataset': config.data.name, 'method': policy.method},
+                                quantizers=policy.quantizer_parameters)
   n = config.export.check_images
   if n > 0:
     n = min(n, info.num_test)
     images = data.fixed_batches(config.data, 'test', n, 1, seed=config.seed, train=False)['image'][0]
-    diff = export.logit_difference(path, spec, variables, masks, bits, images)
-    report = {**report, 'checked_images': n, 'max_logit_difference': float(diff.max())}
-  return report
+    diff = export.logit_difference(path, spec, variables, args['masks'], bits, images, model=result.model)
+    summary = {**summary, 'checked_images': n, 'max_logit_difference': float(diff.max())}
+  checkpoints.write_json(report_path, summary)
+  return summary
 
 
 def finetune_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """train.py --finetune: the fine-tuning stages and the export for the policy a search left in workdir."""
-  policy = load_policy(config, workdir)
+  """train.py --finetune: the fine-tuning stages and the export for the policy a method left in workdir."""
+  check_config(config)
+  path = os.path.join(workdir, policy_lib.POLICY_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} has no {policy_lib.POLICY_FILE}: the method there is incomplete or never '
+                            f'ran; run search.py --workdir {workdir} with the same config first.')
+  policy_lib.read_policy(path, config.model.arch)  # one sentence for a policy of another architecture
   if not os.path.exists(os.path.join(workdir, BASELINE + '.json')):
-    raise FileNotFoundError(f'{workdir} has a policy but no baseline; it is not a complete search workdir.')
-  model, info = build_model(config)
-  topo = build_topology(config, info)
-  tuned = finetune(config, workdir, model, topo, policy)
-  return {'finetune': tuned, 'export': export_run(config, workdir)}
+    raise FileNotFoundError(f'{workdir} has a policy but no baseline; it is not a complete run directory.')
+  result = run_method(config, workdir)
+  tuned = finetune(config, workdir, build_topology(config), result)
+  return {'finetune': tuned, 'export': export_run(config, workdir, result, tuned)}

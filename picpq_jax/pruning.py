@@ -24,7 +24,7 @@ import numpy as np
 
 from picpq_jax import cost
 from picpq_jax.criteria import pic_importance
-from picpq_jax.topology import Topology
+from picpq_jax.topology import Topology, kernel_keep, kernel_mask
 
 FilterProperties = Union[Mapping[str, Any], Sequence[Any]]  # by layer name, or a list in forward order
 Masks = dict[str, jax.Array]  # layer name -> 0/1 per output channel
@@ -340,24 +340,22 @@ def global_prune(topology: Topology, fp: FilterProperties, a: Any, b: Any, keep_
 
 
 def zero_pruned_weights(topology: Topology, params: Mapping[str, Any], masks: Mapping[str, Any]) -> dict:
-  """params with every weight of a pruned channel set to 0: kernel slices of removed output filters and of
-  removed input channels (the source layer's mask), and the removed filters' BatchNorm scale and bias.
+  """params with every weight of a pruned channel set to 0: the kernel entries `topology.kernel_mask` removes
+  (those of removed output filters and of removed input channels, the source layer's mask), and the removed
+  filters' BatchNorm scale and bias.
 
   Masking already zeroes these channels' outputs; zeroing the weights too means a fine-tune keeps them
   exactly 0 (their gradients are 0, and so is the weight decay of a 0 weight), the weight quantizer's
   max|tanh(W)| sees only live weights, and the export's slicing loses nothing.
   """
   params = dict(params)
+  keep = {name: jnp.asarray(m, jnp.float32) for name, m in masks.items()}
   for layer in topology.layers:
-    if layer.name not in masks and (layer.source is None or layer.source not in masks):
+    if layer.name not in keep and (layer.source is None or layer.source not in keep):
       continue
-    out_keep = jnp.asarray(masks.get(layer.name, np.ones(layer.out_channels)), jnp.float32)
+    _, out_keep = kernel_keep(topology, keep, layer.name)
     unit = dict(params[layer.name])
-    kernel = unit['kernel'] * out_keep
-    if layer.source is not None and layer.source in masks and not layer.depthwise:
-      in_keep = jnp.asarray(masks[layer.source], jnp.float32)
-      kernel = kernel * in_keep[:, None]
-    unit['kernel'] = kernel
+    unit['kernel'] = unit['kernel'] * kernel_mask(topology, keep, layer.name)
     unit['bn'] = {k: v * out_keep for k, v in unit['bn'].items()}
     params[layer.name] = unit
   return params

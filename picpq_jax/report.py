@@ -1,4 +1,5 @@
-"""What a run reports: the compression numbers, the per-layer table, and the plots people look at."""
+"""What a run reports: tables and plots of the numbers the stages gathered (the cost ledger's, the
+accuracies); formatting only, nothing here computes a figure."""
 from __future__ import annotations
 
 import os
@@ -6,42 +7,19 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from picpq_jax import checkpoints, cost
-from picpq_jax.topology import Topology
+from picpq_jax import checkpoints
 
 FP32 = 32
 
 
-def compression_summary(topo: Topology, masks: Mapping[str, Any], bits: Mapping[str, int]) -> dict:
-  """FLOPs (MACs), params and BOPs of the dense FP32 model and of the compressed one, with the ratios."""
-  dense = cost.dense_keep(topo).astype(np.float32)
-  keep = np.asarray(cost.keep_counts(topo, masks))
-  w = np.array([bits.get(n, FP32) for n in topo.names], np.float32)
-  full = np.full(topo.num_layers, FP32, np.float32)
-  out = {
-      'flops_dense': float(cost.flops(topo, dense)), 'flops': float(cost.flops(topo, keep)),
-      'params_dense': float(cost.params(topo, dense)), 'params': float(cost.params(topo, keep)),
-      'bops_dense': float(cost.bops(topo, dense, full, full)), 'bops': float(cost.bops(topo, keep, w, w)),
-      'bops_pruned_fp32': float(cost.bops(topo, keep, full, full)),
-  }
-  out['flops_kept_fraction'] = out['flops'] / out['flops_dense']
-  out['params_kept_fraction'] = out['params'] / out['params_dense']
-  out['bops_compression'] = out['bops_dense'] / out['bops']
-  return out
-
-
-def layer_rows(topo: Topology, masks: Mapping[str, Any], bits: Mapping[str, int]) -> list[dict]:
-  keep = np.asarray(cost.keep_counts(topo, masks))
-  return [{'layer': l.name, 'channels': l.out_channels, 'kept': int(k), 'bits': int(bits.get(l.name, FP32)),
-           'chain': l.chain or ''} for l, k in zip(topo.layers, keep)]
-
-
-def policy_table(topo: Topology, masks: Mapping[str, Any], bits: Mapping[str, int]) -> str:
-  """A plain-text table: kept channels and bits per layer, then FLOPs and BOPs before and after."""
-  lines = [f'{"layer":<22} {"kept":>9} {"bits":>4}  chain']
-  for r in layer_rows(topo, masks, bits):
-    lines.append(f'{r["layer"]:<22} {r["kept"]:>4}/{r["channels"]:<4} {r["bits"]:>4}  {r["chain"]}')
-  s = compression_summary(topo, masks, bits)
+def policy_table(summary: Mapping[str, Any]) -> str:
+  """Plain text for the terminal: kept channels, bits and weight density per layer, then the ledger's
+  FLOPs, BOPs and (for weight-level sparsity) sparse BOPs and weight bits before and after."""
+  s = summary
+  lines = [f'{"layer":<22} {"kept":>9} {"w/a bits":>8} {"density":>7}  chain']
+  for r in s['layers']:
+    lines.append(f'{r["layer"]:<22} {r["kept"]:>4}/{r["channels"]:<4} {r["weight_bits"]:>3}/{r["act_bits"]:<4} '
+                 f'{r["density"]:>7.3f}  {r["chain"]}')
   lines += [
       f'FLOPs (MACs): {s["flops_dense"] / 1e6:.2f} M -> {s["flops"] / 1e6:.2f} M '
       f'({100 * s["flops_kept_fraction"]:.1f} % kept)',
@@ -49,6 +27,13 @@ def policy_table(topo: Topology, masks: Mapping[str, Any], bits: Mapping[str, in
       f'BOPs:         {s["bops_dense"] / 1e9:.2f} G -> {s["bops"] / 1e9:.3f} G '
       f'(compression {s["bops_compression"]:.2f}x against dense FP32)',
   ]
+  if s['conv_weight_sparsity'] > 0:
+    lines += [
+        f'sparse BOPs:  {s["bops_dense"] / 1e9:.2f} G -> {s["sparse_bops"] / 1e9:.3f} G '
+        f'({s["sparse_bops_compression"]:.2f}x; only on hardware that skips zero weights)',
+        f'weight bits:  {s["weight_bits_dense"] / 8e6:.3f} MB -> {s["weight_bits"] / 8e6:.3f} MB '
+        f'({s["weight_bits_compression"]:.2f}x; {100 * s["conv_weight_sparsity"]:.1f} % of conv weights are 0)',
+    ]
   return '\n'.join(lines)
 
 
@@ -102,52 +87,41 @@ def plot_layers(rows: list[dict], path: str, title: str = '') -> None:
   top.set_ylabel('output channels')
   top.legend()
   top.set_title(title or 'compression policy')
-  bottom.bar(x, [r['bits'] for r in rows], color='C2')
-  bottom.set_ylabel('bits (weights = activations)')
+  bottom.bar(x - 0.2, [r['weight_bits'] for r in rows], width=0.4, color='C2', label='weights')
+  bottom.bar(x + 0.2, [r['act_bits'] for r in rows], width=0.4, color='C1', label='activations')
+  bottom.set_ylabel('bits')
+  bottom.legend(fontsize=7)
   bottom.set_xticks(x, [r['layer'] for r in rows], rotation=90, fontsize=6)
   _save(fig, path)
 
 
-def run_summary(workdir: str, topo: Topology, baseline: dict, policy: dict, found: dict,
-                tuned: Optional[dict], exported: Optional[dict] = None) -> dict:
-  """The numbers of one run (what the field reports), as a dict; `write_run_report` saves it."""
-  from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
-  masks, bits = pipeline.policy_arrays(policy)
-  s = compression_summary(topo, masks, bits)
-  out = {
-      'arch': policy['arch'], 'dataset': policy['dataset'], 'workdir': os.path.abspath(workdir),
-      'baseline_test_accuracy': baseline['test']['accuracy'],
-      'compressed_test_accuracy': tuned['test']['accuracy'] if tuned else None,
-      **s,
-      'layers': layer_rows(topo, masks, bits),
-      'wall_time_s': {'baseline': baseline.get('wall_time_s'), 'search': found.get('wall_time_s'),
-                      **({k: v['wall_time_s'] for k, v in tuned['stages'].items()} if tuned else {})},
-      'search_best_loss': found.get('best_loss'), 'search_evaluations': found.get('evaluations'),
-      'search_distinct_plans': found.get('distinct_plans'),
-      'search_evaluations_saved': found.get('evaluations_saved'),
-      'export': exported,
-  }
-  if tuned:
-    out['accuracy_drop'] = out['baseline_test_accuracy'] - out['compressed_test_accuracy']
-  return out
-
-
-def markdown(summary: dict) -> str:
+def markdown(summary: Mapping[str, Any]) -> str:
+  """summary.md: accuracy and the cost ledger's columns (BOPs, and sparse figures only under their own names),
+  the per-layer policy, the export, the method's own figures and provenance, wall times."""
   s = summary
   acc = lambda v: '-' if v is None else f'{100 * v:.2f} %'  # noqa: E731
   lines = [
-      f'# {s["arch"]} on {s["dataset"]}', '',
+      f'# {s["arch"]} on {s["dataset"]}: {s.get("method", "picpq")}', '',
       '| | dense FP32 | compressed | ratio |', '|---|---|---|---|',
       f'| test accuracy | {acc(s["baseline_test_accuracy"])} | {acc(s["compressed_test_accuracy"])} | '
       f'drop {acc(s.get("accuracy_drop"))} |',
       f'| FLOPs (MACs) | {s["flops_dense"] / 1e6:.2f} M | {s["flops"] / 1e6:.2f} M | '
-      f'{s["flops_dense"] / s["flops"]:.2f}x |',
-      f'| params | {s["params_dense"] / 1e6:.3f} M | {s["params"] / 1e6:.3f} M | '
-      f'{s["params_dense"] / s["params"]:.2f}x |',
+      f'{s["flops_compression"]:.2f}x |',
+      f'| params | {s["params_dense"] / 1e6:.3f} M | {s["params"] / 1e6:.3f} M | {s["params_compression"]:.2f}x |',
       f'| BOPs | {s["bops_dense"] / 1e9:.2f} G | {s["bops"] / 1e9:.3f} G | {s["bops_compression"]:.2f}x |',
-      '', '| layer | kept | bits | chain |', '|---|---|---|---|',
   ]
-  lines += [f'| {r["layer"]} | {r["kept"]}/{r["channels"]} | {r["bits"]} | {r["chain"]} |' for r in s['layers']]
+  if s.get('conv_weight_sparsity'):
+    lines += [
+        f'| sparse BOPs (zero weights skipped) | {s["bops_dense"] / 1e9:.2f} G | {s["sparse_bops"] / 1e9:.3f} G | '
+        f'{s["sparse_bops_compression"]:.2f}x |',
+        f'| weight bits (model size) | {s["weight_bits_dense"] / 8e6:.3f} MB | {s["weight_bits"] / 8e6:.3f} MB | '
+        f'{s["weight_bits_compression"]:.2f}x |',
+        '', f'{100 * s["conv_weight_sparsity"]:.1f} % of the conv weights are zero. BOPs count every weight of '
+        'the kept channels; sparse BOPs count only the nonzero ones, a figure only hardware that skips zeros earns.',
+    ]
+  lines += ['', '| layer | kept | weight / act bits | density | quantizer | chain |', '|---|---|---|---|---|---|']
+  lines += [f'| {r["layer"]} | {r["kept"]}/{r["channels"]} | {r["weight_bits"]} / {r["act_bits"]} | '
+            f'{r["density"]:.3f} | {r["quantizer"]} | {r["chain"]} |' for r in s['layers']]
   e = s.get('export')
   if e:
     lines += ['', '| export (slimmed, integer codes) | dense FP32 | file | ratio |', '|---|---|---|---|',
@@ -155,10 +129,14 @@ def markdown(summary: dict) -> str:
     if e.get('checked_images'):
       lines += ['', f'The loaded export\'s logits differ from the masked, fake-quantized model\'s by at most '
                     f'{e["max_logit_difference"]:.2e} on {e["checked_images"]} test images.']
-  if s.get('search_evaluations') is not None:
-    lines += ['', f'Search: {s["search_evaluations"]} candidates, {s.get("search_distinct_plans")} distinct '
-                  f'pruning plans; {s.get("search_evaluations_saved") or 0} evaluations saved by reusing the loss '
-                  f'of an identical plan. Best validation loss {s["search_best_loss"]:.4f}.']
+  m = s.get('method_summary') or {}
+  if m.get('evaluations') is not None:
+    lines += ['', f'Search: {m["evaluations"]} candidates, {m.get("distinct_plans")} distinct pruning plans; '
+                  f'{m.get("evaluations_saved") or 0} evaluations saved by reusing the loss of an identical plan. '
+                  f'Best validation loss {m["best_loss"]:.4f}.']
+  if s.get('provenance'):
+    lines += ['', 'Where each choice comes from ([paper], [code]: the authors\'; [ours]: this toolkit\'s):', '']
+    lines += [f'- {p}' for p in s['provenance']]
   lines += ['', '| stage | wall time (s) |', '|---|---|']
   lines += [f'| {k} | {v:.0f} |' for k, v in s['wall_time_s'].items() if v is not None]
   return '\n'.join(lines) + '\n'

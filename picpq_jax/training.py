@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,11 +57,65 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax
   raise ValueError(f"train.schedule={cfg.schedule!r} is not a schedule; choose 'cosine', 'step' or 'constant'.")
 
 
+OPTIMIZERS = ('sgd', 'adamw')
+DEFAULT_GROUP = 'weights'  # the group of every parameter no group names (when the section has groups)
+
+
+def _one_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   weight_decay: float) -> optax.GradientTransformation:
+  if cfg.optimizer == 'sgd':
+    # L2 weight decay added to the gradient, as torch.optim.SGD does.
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  if cfg.optimizer == 'adamw':
+    # Decoupled weight decay (lr * wd * param), torch.optim.AdamW's defaults for the betas and epsilon.
+    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+  raise ValueError(f'optimizer={cfg.optimizer!r} is not an optimizer; choose one of {list(OPTIMIZERS)}.')
+
+
+def group_labels(groups: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """params -> the same tree with each leaf replaced by its group's name: the group whose `leaves` holds the
+  leaf's own name (e.g. 'logit_dz'), else the group with no `leaves` (DEFAULT_GROUP by convention)."""
+  by_leaf, default = {}, None
+  for name, group in groups.items():
+    leaves = tuple(group.get('leaves', ()) or ())
+    if not leaves:
+      if default is not None:
+        raise ValueError(f'optimizer groups {default!r} and {name!r} both have no `leaves`; exactly one group '
+                         'takes the parameters no group names.')
+      default = name
+    for leaf in leaves:
+      by_leaf[leaf] = name
+  if default is None:
+    raise ValueError(f'optimizer groups {list(groups)} all name their leaves; give one group no `leaves` to '
+                     'take every other parameter.')
+
+  def labels(params):
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
+    return traverse_util.unflatten_dict({k: by_leaf.get(k[-1], default) for k in flat})
+
+  return labels
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum and L2 weight decay added to the gradient, as torch.optim.SGD does."""
-  return optax.chain(
-      optax.add_decayed_weights(cfg.weight_decay),
-      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  """The optimizer of a training section (configs/common.py, `optimizer_section`).
+
+  Without groups: cfg.optimizer ('sgd': (Nesterov) momentum with L2 weight decay added to the gradient, as
+  torch.optim.SGD; 'adamw': decoupled weight decay, as torch.optim.AdamW) at `schedule` and
+  cfg.weight_decay. With groups (cfg.groups: name -> {learning_rate, weight_decay, leaves}): one such
+  optimizer per group through optax.multi_transform, each leaf labelled by its name (group_labels); a
+  group's learning rate follows the section's schedule scaled by group.learning_rate / cfg.learning_rate.
+  """
+  groups = cfg.groups
+  if not groups:
+    return _one_optimizer(cfg, schedule, cfg.weight_decay)
+  transforms = {}
+  for name, group in groups.items():
+    scale = group.learning_rate / cfg.learning_rate
+    group_schedule = (lambda step, scale=scale: schedule(step) * scale)
+    transforms[name] = _one_optimizer(cfg, group_schedule, group.weight_decay)
+  return optax.multi_transform(transforms, group_labels(groups))
 
 
 def create_train_state(model, tx: optax.GradientTransformation, key: jax.Array, image_shape) -> TrainState:
@@ -243,7 +298,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
   """
   train_cfg = train_cfg or config.train
   info = data.dataset_info(config.data)
-  check_batch_size(train_cfg.batch_size, 'train.batch_size' if train_cfg is config.train else 'finetune.batch_size')
+  section = next((k for k, v in config.items() if v is train_cfg), 'finetune')  # a copied section: finetune's
+  check_batch_size(train_cfg.batch_size, f'{section}.batch_size')
   mesh = data_mesh()
   steps_per_epoch = data.steps_per_epoch(config.data, 'train', train_cfg.batch_size)
   schedule = make_schedule(train_cfg, steps_per_epoch)
@@ -262,12 +318,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
     start_epoch, best = meta['epoch'] + 1, meta.get('best', best)
   state = replicate(state, mesh)
 
-  distill_weight = train_cfg.get('distill_weight', 0.0)
+  distill_weight = train_cfg.distill_weight
   teacher = replicate(teacher, mesh) if teacher is not None and distill_weight > 0 else None
-  train_step = jax.jit(make_train_step(model, tx, distill_weight, train_cfg.get('distill_temperature', 4.0)),
+  train_step = jax.jit(make_train_step(model, tx, distill_weight, train_cfg.distill_temperature),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model))
-  bn_batches = train_cfg.get('precise_bn_batches', 0)
+  bn_batches = train_cfg.precise_bn_batches
   if bn_batches:
     # The same un-augmented training images every epoch, so that epochs are compared on equal terms.
     bn_images = data.fixed_batches(config.data, 'train', train_cfg.batch_size, bn_batches, seed=config.seed,

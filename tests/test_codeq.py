@@ -212,3 +212,195 @@ def test_logits_at_zero_get_zero_gradient_as_in_torch():
   w = random_kernel(seed=12)
   g_dz, g_b = jax.grad(lambda a, b: jnp.sum(codeq.deadzone_quant(w, a, b) ** 2), argnums=(0, 1))(0.0, 0.0)
   assert g_dz == 0.0 and g_b == 0.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# The method: the codeq model, its readout, its export, its settings
+# --------------------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from configs import codeq_mnist5k  # noqa: E402
+from picpq_jax import export, models, quant  # noqa: E402
+from picpq_jax.models.layers import MaskedQConv  # noqa: E402
+from picpq_jax.testing import random_variables  # noqa: E402
+
+
+def codeq_variables(model, seed=0, logits=None):
+  """random_variables of the dense spec plus per-layer logits (varied, so layers differ in dead zone and B)."""
+  v = random_variables(model.spec, seed)
+  rng = np.random.default_rng(seed + 1)
+  for name in model.codeq_layers():
+    dz, b = logits if logits is not None else (rng.uniform(0.3, 1.5), rng.uniform(0.1, 1.0))
+    v['params'][name] = {**v['params'][name], 'logit_dz': np.float32(dz), 'logit_bit': np.float32(b)}
+  return v
+
+
+def test_quantizer_lives_in_quant_and_is_re_exported():
+  assert codeq.deadzone_quant is quant.deadzone_quant and codeq.deadzone_codes is quant.deadzone_codes
+  assert codeq.INIT_LOGIT == quant.INIT_LOGIT == 3.0
+
+
+def test_codeq_conv_forward_is_the_dead_zone_kernel_through_lax_conv():
+  spec = models.get_spec('resnet20', 10, 32, 1)
+  conv = spec.conv('layer1_0_conv1')
+  unit = MaskedQConv(conv, quantizer='codeq', max_bits=6)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, conv.in_channels))
+  variables = unit.init(jax.random.key(1), x, False)
+  assert float(variables['params']['logit_dz']) == float(variables['params']['logit_bit']) == codeq.INIT_LOGIT
+  kernel = random_kernel((3, 3, conv.in_channels, conv.out_channels), seed=3, scale=0.1)
+  params = {**variables['params'], 'kernel': kernel, 'logit_dz': jnp.float32(0.6), 'logit_bit': jnp.float32(0.4)}
+  _, state = unit.apply({**variables, 'params': params}, x, False, mutable=['intermediates'])
+  sown = state['intermediates']['conv'][0]
+  w_hat = codeq.deadzone_quant(kernel, 0.6, 0.4, max_bits=6)
+  assert 0.2 < float(jnp.mean(w_hat == 0)) < 0.9  # the dead zone is doing something
+  want = jax.lax.conv_general_dilated(x, w_hat, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_array_equal(np.asarray(sown), np.asarray(want))
+  # with bits: the weight bits are ignored (the kernel is CoDeQ's), activation bits quantize the input
+  _, state = unit.apply({**variables, 'params': params}, x, False, bits=(2, 4), mutable=['intermediates'])
+  want = jax.lax.conv_general_dilated(quant.act_quant(x, 4), w_hat, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(np.asarray(state['intermediates']['conv'][0]), np.asarray(want), atol=1e-6)
+
+
+def test_codeq_model_params_and_end_bits():
+  spec = models.get_spec('resnet20', 10, 32, 1)
+  x = jnp.zeros((1, 32, 32, 1))
+  for end_bits, ends_quantized in [(0, True), (4, True), (32, False)]:
+    model = models.create_model('resnet20', 10, 32, 1, quantizer='codeq', end_bits=end_bits)
+    params = model.init(jax.random.key(0), x)['params']
+    assert ('logit_dz' in params['stem']) == ends_quantized == ('logit_bit' in params['classifier'])
+    assert 'logit_dz' in params['layer2_1_conv2']
+    layers = model.codeq_layers()
+    assert set(layers) == ({c.name for c in spec.convs} | {'classifier'}) - (set() if ends_quantized else
+                                                                              {'stem', 'classifier'})
+    if end_bits == 4:
+      assert layers['stem']['fixed_bits'] == layers['classifier']['fixed_bits'] == 4
+      assert layers['layer1_0_conv1']['fixed_bits'] is None
+  # the dense model's variables load into the codeq model (the logits added) and the picpq model is unchanged
+  dense = models.create_model('resnet20', 10, 32, 1)
+  assert dense.quantizer == 'picpq' and 'logit_dz' not in dense.init(jax.random.key(0), x)['params']['stem']
+  with pytest.raises(ValueError, match='quantizer'):
+    models.create_model('resnet20', 10, 32, 1, quantizer='nope').init(jax.random.key(0), x)
+
+
+def test_initial_variables_copy_the_baseline_and_keep_the_logits_init():
+  model = models.create_model('resnet20', 10, 32, 1, quantizer='codeq', end_bits=0)
+  baseline = random_variables(model.spec, 4)
+  init = codeq.initial_variables(model, baseline)
+  for name in ('stem', 'layer3_2_conv2'):
+    np.testing.assert_array_equal(init['params'][name]['kernel'], baseline['params'][name]['kernel'])
+    np.testing.assert_array_equal(init['batch_stats'][name]['bn']['var'], baseline['batch_stats'][name]['bn']['var'])
+    assert float(init['params'][name]['logit_dz']) == codeq.INIT_LOGIT
+  np.testing.assert_array_equal(init['params']['classifier']['bias'], baseline['params']['classifier']['bias'])
+  other = random_variables(models.get_spec('resnet56', 10, 32, 1))
+  with pytest.raises(ValueError, match='resnet20'):
+    codeq.initial_variables(model, other)
+
+
+def test_readout_masks_are_nonzero_quantized_weights_and_bits_the_learned_bits():
+  model = models.create_model('resnet20', 10, 32, 1, quantizer='codeq', end_bits=0, max_bits=8)
+  variables = codeq_variables(model)
+  policy, summary = codeq.readout(model, variables, 'resnet20', 'mnist5k', act_bits=32)
+  assert policy.method == 'codeq' and set(policy.layers) == {c.name for c in model.spec.convs}
+  total = zeros = 0
+  for c in model.spec.convs:
+    p = variables['params'][c.name]
+    layer = policy.layers[c.name]
+    w_hat = codeq.deadzone_quant(jnp.asarray(p['kernel']), p['logit_dz'], p['logit_bit'], max_bits=8)
+    np.testing.assert_array_equal(layer.weight_mask, np.asarray(w_hat != 0, np.float32))
+    np.testing.assert_array_equal(layer.mask, np.ones(c.out_channels, np.float32))
+    bits = int(codeq.learned_bits(p['logit_bit'], 8))
+    assert layer.weight_bits == bits == layer.quantizer['bits'] and layer.act_bits == 32
+    q, s, sh = codeq.deadzone_codes(jnp.asarray(p['kernel']), p['logit_dz'], p['logit_bit'], max_bits=8)
+    assert layer.quantizer['name'] == 'codeq'
+    assert layer.quantizer['step'] == float(s) and layer.quantizer['shift'] == float(sh)
+    assert isinstance(layer.quantizer['step'], float) and isinstance(layer.quantizer['logit_dz'], float)
+    assert summary['layer_sparsity'][c.name] == pytest.approx(float(jnp.mean(q == 0)))
+    total, zeros = total + q.size, zeros + int(jnp.sum(q == 0))
+  assert summary['conv_sparsity'] == pytest.approx(zeros / total)
+  head = summary['classifier']['classifier']
+  p = variables['params']['classifier']
+  assert head['bits'] == int(codeq.learned_bits(p['logit_bit'], 8)) and 0 <= head['sparsity'] < 1
+  # end_bits 32: the stem is full precision and named only with its (all-ones) mask
+  model32 = dataclasses.replace(model, end_bits=32)
+  policy32, summary32 = codeq.readout(model32, codeq_variables(model32), 'resnet20', 'mnist5k', act_bits=4)
+  assert policy32.layers['stem'].weight_bits == 32 and policy32.layers['stem'].act_bits == 32
+  assert policy32.layers['stem'].weight_mask is None and summary32['classifier'] == {}
+  assert policy32.layers['layer1_0_conv1'].act_bits == 4
+
+
+@pytest.mark.parametrize('end_bits,act_bits', [(0, 32), (32, 32), (32, 6)])
+def test_codeq_export_matches_the_fake_quantized_model(end_bits, act_bits, tmp_path):
+  model = models.create_model('resnet20', 10, 32, 1, quantizer='codeq', end_bits=end_bits)
+  variables = codeq_variables(model, seed=2)
+  policy, summary = codeq.readout(model, variables, 'resnet20', 'mnist5k', act_bits=act_bits)
+  assert 0.1 < summary['conv_sparsity'] < 0.95
+  quantizers = {name: l.quantizer for name, l in policy.layers.items()}
+  quantizers.update(summary['classifier'])
+  bits = {name: (l.weight_bits, l.act_bits) for name, l in policy.layers.items()}
+  path = str(tmp_path / 'codeq.npz')
+  report = export.export_model(path, model.spec, variables, policy.masks, bits, quantizers=quantizers)
+  manifest, arrays = export.read_export(path)
+  assert manifest['version'] == export.CODEQ_VERSION
+  entry = {l['name']: l for l in manifest['layers']}['layer2_0_conv1']
+  assert entry['quantizer'] == 'codeq' and entry['weight_bits'] == policy.layers['layer2_0_conv1'].weight_bits
+  assert not any('logit' in k for k in arrays)
+  # the stored codes are CoDeQ's codes, and the loaded kernels s q + sh sign(q) are the model's W^
+  module, loaded, loaded_bits = export.load_model(path)
+  p = variables['params']['layer2_0_conv1']
+  w_hat = codeq.deadzone_quant(jnp.asarray(p['kernel']), p['logit_dz'], p['logit_bit'])
+  np.testing.assert_allclose(loaded['params']['layer2_0_conv1']['kernel'], w_hat, rtol=0, atol=1e-7)
+  assert int(loaded_bits['layer2_0_conv1'][0]) == 32
+  assert report['conv_weight_bits'] < 32 * report['conv_weights']
+  x = jax.random.normal(jax.random.key(5), (4, 32, 32, 1))
+  diff = export.logit_difference(path, model.spec, variables, policy.masks, bits, x, model=model)
+  logits = model.apply(variables, x, bits=codeq.bits_argument(model, act_bits))
+  tol = export.CODEQ_TOLERANCE * max(1.0, float(jnp.max(jnp.abs(logits))))
+  assert np.all(diff <= tol), (diff, tol)
+  if end_bits == 0:  # a quantized head must be named in `quantizers`
+    with pytest.raises(ValueError, match='classifier'):
+      export.export_model(str(tmp_path / 'x.npz'), model.spec, variables, policy.masks, bits,
+                          quantizers={n: l.quantizer for n, l in policy.layers.items()})
+
+
+def test_demo_config_passes_check_config():
+  config = codeq_mnist5k.get_config()
+  assert config.method.name == 'codeq' and not config.finetune.enabled
+  codeq.check_config(config, None)
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('epochs', 0, 'codeq.epochs'),
+    ('learning_rate', float('nan'), 'codeq.learning_rate'),
+    ('groups.dead_zone.learning_rate', 0.0, 'codeq.groups.dead_zone.learning_rate'),
+    ('groups.bits.weight_decay', -1.0, 'codeq.groups.bits.weight_decay'),
+    ('max_bits', 1, 'codeq.max_bits'),
+    ('max_bits', 17, 'codeq.max_bits'),
+    ('fixed_bits', 9, 'codeq.fixed_bits'),
+    ('fixed_bits', 1, 'codeq.fixed_bits'),
+    ('act_bits', 1, 'codeq.act_bits'),
+    ('act_bits', 33, 'codeq.act_bits'),
+    ('end_bits', 1, 'codeq.end_bits'),
+    ('end_bits', 40, 'codeq.end_bits'),
+    ('optimizer', 'adam', 'codeq.optimizer'),
+])
+def test_check_config_rejects_bad_settings_naming_the_key(key, value, needle):
+  config = codeq_mnist5k.get_config()
+  node = config.codeq
+  *parents, leaf = key.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=needle.replace('.', r'\.') + '=') as e:
+    codeq.check_config(config, None)
+  assert str(e.value).count('. ') == 0 or str(e.value).endswith('.')  # one sentence
+
+
+def test_check_config_accepts_fixed_bits_and_published_settings():
+  config = codeq_mnist5k.get_config()
+  config.codeq.fixed_bits = 4
+  config.codeq.end_bits = 0
+  config.codeq.act_bits = 8
+  codeq.check_config(config, None)

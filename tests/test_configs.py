@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from picpq_jax import cli, data, models, pipeline, topology
+from picpq_jax.methods import picpq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -41,7 +42,7 @@ def test_config_builds_a_model_and_passes_validation(name):
   cli.check_config(config)
   info = offline_info(config)
   topo = pipeline.build_topology(config, info)
-  pipeline.check_search_config(config, topo)
+  picpq.check_config(config, topo)
   # The table is the model's: one entry per conv of the spec, and the model maps images to class logits.
   spec = models.get_spec(config.model.arch, info.num_classes, info.image_size, info.in_channels)
   assert topo.names == tuple(c.name for c in spec.convs)
@@ -120,7 +121,7 @@ def test_search_b_max_replaces_the_architecture_list():
   assert own.b_max.tolist() == VGG16_B_MAX
   # Everything else about the table is unchanged.
   assert [l.out_channels for l in topo.layers] == [l.out_channels for l in own.layers]
-  pipeline.check_search_config(config, topo)
+  picpq.check_config(config, topo)
 
 
 def one_sentence(message):
@@ -138,7 +139,7 @@ def test_wrong_length_b_max_names_key_and_layer_count(name, entries):
   with pytest.raises(ValueError, match=pattern) as where_applied:  # where it is applied
     pipeline.build_topology(config, offline_info(config))
   with pytest.raises(ValueError, match=pattern) as where_validated:  # and in the search-config check
-    pipeline.check_search_config(config, arch_topo)
+    picpq.check_config(config, arch_topo)
   assert one_sentence(str(where_applied.value)) and one_sentence(str(where_validated.value))
 
 
@@ -156,5 +157,5 @@ def test_bad_keep_fraction_or_tau_names_key_value_and_layer_count(key, value):
   topo = pipeline.build_topology(config, offline_info(config))
   config.search[key] = value
   with pytest.raises(ValueError, match=rf'search\.{key}={value!r} .*resnet56 \(55 prunable convs\)') as e:
-    pipeline.check_search_config(config, topo)
+    picpq.check_config(config, topo)
   assert one_sentence(str(e.value))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from picpq_jax import cost, models, pruning
+from picpq_jax.testing import random_masks
 from picpq_jax.topology import Layer, Topology, get_topology
 
 # (arch, classes, image size): the CIFAR models at 32x32, the ImageNet ones at 224x224.
@@ -206,8 +207,10 @@ def test_hand_worked_sparse_bops_and_weight_bits():
   mask_b = np.ones((1, 1, 3, 2))
   mask_b[0, 0, 0, 1] = 0  # one zero among the kept (input 0..1) x (output 0..1) entries
   mask_b[0, 0, 2, 0] = 0  # input 2 is pruned: already removed
-  masks = weight_masks_with_pruned_channels_zeroed(t, {'a': mask_a, 'b': mask_b}, channel_masks)
-  nonzero = cost.nonzero_weights(t, keep, masks)
+  weight_masks = {'a': mask_a, 'b': mask_b}
+  nonzero = cost.nonzero_weights(t, channel_masks, weight_masks)  # as they are: the channel rule applies
+  zeroed = weight_masks_with_pruned_channels_zeroed(t, weight_masks, channel_masks)
+  np.testing.assert_array_equal(cost.nonzero_weights(t, channel_masks, zeroed), nonzero)
   # a: 3 * 3 * 2 inputs * 2 kept outputs = 36 entries, 6 zeros; b: 1 * 1 * 2 * 2 = 4 entries, 1 zero.
   np.testing.assert_array_equal(cost.kernel_entries(t, keep), [36, 4])
   np.testing.assert_array_equal(nonzero, [30, 3])
@@ -227,26 +230,27 @@ def test_hand_worked_sparse_bops_and_weight_bits():
 
 def test_a_layer_without_weight_mask_is_dense_within_its_kept_channels():
   t = two_layer_topology()
+  channel_masks = {'a': np.array([1.0, 0.0, 1.0]), 'b': np.array([0.0, 1.0])}
   keep = np.array([2.0, 1.0])
-  np.testing.assert_array_equal(cost.nonzero_weights(t, keep, {}), cost.kernel_entries(t, keep))
+  np.testing.assert_array_equal(cost.nonzero_weights(t, channel_masks, {}), cost.kernel_entries(t, keep))
   np.testing.assert_array_equal(cost.kernel_entries(t, keep), [9 * 2 * 2, 1 * 2 * 1])
   with pytest.raises(ValueError, match='no prunable layer'):
-    cost.nonzero_weights(t, keep, {'c': np.ones((1, 1, 1, 1))})
+    cost.nonzero_weights(t, channel_masks, {'c': np.ones((1, 1, 1, 1))})
 
 
 @pytest.mark.parametrize('arch,classes,size', [('resnet20', 10, 32), ('mobilenetv2', 100, 32)])
 def test_sparse_bops_equal_bops_with_all_ones_weight_masks(arch, classes, size):
   t = get_topology(arch, classes, size, 3)
   rng = np.random.default_rng(2)
-  channel_masks = {l.name: (rng.random(l.out_channels) < 0.7).astype(np.float32) for l in t.layers[::3]}
-  for name in channel_masks:
-    channel_masks[name][0] = 1.0  # every layer keeps a channel
+  # Chain-respecting masks (as every policy's are): a depthwise conv's filter goes with its input channel, so
+  # the kernel entries the channel rule keeps are exactly `kernel_entries`.
+  channel_masks = random_masks(t, rng, keep_prob=0.7)
   keep = cost.keep_counts(t, channel_masks)
   ones = {l.name: np.ones((l.kernel, l.kernel, 1 if l.depthwise else l.in_channels // l.groups, l.out_channels))
           for l in t.layers}
-  count = jax.jit(lambda ones, channel_masks, keep: cost.nonzero_weights(  # jit: one dispatch, not hundreds
-      t, keep, weight_masks_with_pruned_channels_zeroed(t, ones, channel_masks)))
-  nonzero = count(ones, channel_masks, keep)
+  count = jax.jit(lambda ones, channel_masks: cost.nonzero_weights(  # jit: one dispatch, not hundreds
+      t, channel_masks, ones))
+  nonzero = count(ones, channel_masks)
   np.testing.assert_array_equal(nonzero, cost.kernel_entries(t, keep))
   np.testing.assert_array_equal(cost.density(t, keep, nonzero), np.ones(t.num_layers))
   w_bits = rng.integers(2, 9, size=t.num_layers)
@@ -265,7 +269,7 @@ def test_dense_fp32_weight_bits_are_32_times_the_kernel_entries(arch, classes, s
   kernels = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if path[-1].key == 'kernel')
   keep = dense(t)
   bits = np.full(t.num_layers, 32)
-  got = float(cost.weight_bits(t, keep, cost.nonzero_weights(t, keep, {}), bits))
+  got = float(cost.weight_bits(t, keep, cost.nonzero_weights(t, {}, {}), bits))
   # float32 sum of L terms: at most L roundings of half an ulp of the total.
   assert got == pytest.approx(32 * kernels, rel=t.num_layers * 2 ** -24)
   others = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if path[-1].key != 'kernel')
@@ -276,7 +280,8 @@ def test_hand_worked_weight_bits_relation_to_params():
   t = tiny_topology()  # 3 convs and one dense layer with a bias
   keep = np.array([6, 6, 3])
   bits = np.full(t.num_layers, 32)
-  nonzero = cost.nonzero_weights(t, keep, {})
+  chain = np.array([1, 1, 0, 1, 1, 1, 0, 1])  # conv and dw keep 6 of 8 (one chain), pw 3 of 4
+  nonzero = cost.nonzero_weights(t, {'conv': chain, 'dw': chain, 'pw': np.array([1, 0, 1, 1])}, {})
   params = int(cost.params(t, keep))  # 284: kernels 234 + BatchNorm 2 * 15 + dense kernel 15 + bias 5
   assert float(cost.weight_bits(t, keep, nonzero, bits)) == 32 * (params - 2 * keep.sum() - 5) == 32 * 249
 

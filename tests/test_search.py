@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from configs import demo_mnist5k
-from picpq_jax import fitness, models, pipeline, pruning, topology
+from picpq_jax import fitness, models, pruning, topology
+from picpq_jax import policy as policy_lib
+from picpq_jax.methods import picpq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +150,7 @@ def test_bad_search_settings_stop_before_any_work(override, needle):
   config[section][key] = value
   topo = topology.get_topology('resnet20', 10, 32, 1)
   with pytest.raises(ValueError, match=needle.replace('.', r'\.')):
-    pipeline.check_search_config(config, topo)
+    picpq.check_config(config, topo)
 
 
 def search_command(workdir, *extra):
@@ -193,10 +195,12 @@ def test_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
   with np.load(full / 'search_history.npz') as f, np.load(killed / 'search_history.npz') as g:
     for key in ('a', 'b', 'loss', 'flops', 'repeated_plan'):
       np.testing.assert_array_equal(f[key], g[key])
-  import json  # pylint: disable=g-import-not-at-top
-  full_policy, resumed_policy = (json.load(open(d / 'policy.json')) for d in (full, killed))
-  assert full_policy['masks'] == resumed_policy['masks'] and full_policy['bits'] == resumed_policy['bits']
-  summary = full_policy['summary']
+  full_policy, resumed_policy = (policy_lib.read_policy(str(d / 'policy.json')) for d in (full, killed))
+  for name, layer in full_policy.layers.items():
+    np.testing.assert_array_equal(layer.mask, resumed_policy.layers[name].mask)
+    assert (layer.weight_bits, layer.act_bits) == (resumed_policy.layers[name].weight_bits,
+                                                   resumed_policy.layers[name].act_bits)
+  summary = full_policy.summary
   from configs import demo_mnist5k  # pylint: disable=g-import-not-at-top
   keep = demo_mnist5k.get_config().search.keep_fraction
   assert summary['flops'] <= keep * summary['flops_dense']  # the demo's FLOPs target is met

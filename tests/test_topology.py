@@ -94,3 +94,19 @@ def test_mobilenetv2_chains():
   # (6, 24, 2, 1): block 2 adds its input, so block 1 and 2 projections are one chain; block 1 is no residual
   assert topo.layer('block1_project').chain == topo.layer('block2_project').chain
   assert topo.layer('block0_project').chain is None
+
+
+def test_the_topology_is_derived_from_the_spec_once():
+  """One path from a spec to its topology: cached per spec, the B_max override applied there, and the head
+  (which cost.params reads) taken from the spec's dense layers."""
+  spec = models.get_spec('vgg16', 10, 32, 3)
+  topo = topology.topology_from_spec(spec)
+  assert topology.topology_from_spec(models.get_spec('vgg16', 10, 32, 3)) is topo
+  assert topo == topology.get_topology('vgg16', 10, 32, 3)
+  assert topo.head == spec.head and topo.head[0].source == topo.head_source
+  b_max = [32] + [4] * (topo.num_layers - 1)
+  overridden = topology.topology_from_spec(spec, b_max)
+  assert list(overridden.b_max) == b_max and overridden == topology.get_topology('vgg16', 10, 32, 3, b_max)
+  assert topology.topology_from_spec(spec) is topo  # the override did not touch the cached table
+  with pytest.raises(ValueError, match='search.b_max'):
+    topology.topology_from_spec(spec, [4])

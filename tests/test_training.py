@@ -117,6 +117,7 @@ def tiny_config():
   c.data.val_size = 200
   c.train.epochs = 2
   c.train.eval_batch_size = 100
+  c.search.val_batch_size = 100  # a valid config throughout: at most data.val_size
   return c
 
 
@@ -168,3 +169,85 @@ def test_bad_input_stops_with_one_sentence(tmp_path, override, needle):
   assert needle in out.stderr
   assert 'Traceback' not in out.stderr
   assert not (tmp_path / 'w' / 'baseline.json').exists()
+
+
+def group_section(optimizer='adamw'):
+  from configs import common
+  return common.optimizer_section(
+      optimizer=optimizer, learning_rate=1e-3, weight_decay=5e-4, schedule='constant',
+      groups={'weights': common.parameter_group(1e-3, 5e-4),
+              'dead_zone': common.parameter_group(3e-2, 2.0, leaves=('logit_dz',)),
+              'bits': common.parameter_group(1e-2, 0.1, leaves=('logit_bit',))})
+
+
+def toy_tree():
+  rng = np.random.default_rng(0)
+  params = {'conv': {'kernel': rng.standard_normal((3, 3, 2, 4)).astype(np.float32), 'logit_dz': np.float32(3.0),
+                     'logit_bit': np.float32(2.0), 'bn': {'scale': np.ones(4, np.float32)}},
+            'dense': {'kernel': rng.standard_normal((4, 3)).astype(np.float32), 'logit_dz': np.float32(1.5)}}
+  grads = jax.tree.map(lambda p: np.asarray(rng.standard_normal(np.shape(p)), np.float32), params)
+  return params, grads
+
+
+def test_make_optimizer_groups_apply_each_groups_learning_rate_and_decay():
+  cfg = group_section()
+  tx = training.make_optimizer(cfg, optax.constant_schedule(cfg.learning_rate))
+  params, grads = toy_tree()
+  labels = training.group_labels(cfg.groups)(params)
+  assert labels == {'conv': {'kernel': 'weights', 'logit_dz': 'dead_zone', 'logit_bit': 'bits',
+                             'bn': {'scale': 'weights'}}, 'dense': {'kernel': 'weights', 'logit_dz': 'dead_zone'}}
+  # one step (from fresh states) compared leaf by leaf
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for name, g in cfg.groups.items():
+    ref = optax.adamw(g.learning_rate, weight_decay=g.weight_decay)
+    picked = [(u, p, gr) for u, p, gr, l in zip(jax.tree.leaves(updates), jax.tree.leaves(params),
+                                                 jax.tree.leaves(grads), jax.tree.leaves(labels)) if l == name]
+    want, _ = ref.update([gr for _, _, gr in picked], ref.init([p for _, p, _ in picked]),
+                         [p for _, p, _ in picked])
+    for (u, _, _), w in zip(picked, want):
+      np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=1e-6, atol=1e-9)
+  # the groups really differ: the dead-zone logit moved by its own lr (Adam's first step is ~lr * sign)
+  assert abs(float(updates['conv']['logit_dz'])) > 10 * abs(float(updates['conv']['kernel'][0, 0, 0, 0]))
+
+
+def test_make_optimizer_scales_each_group_with_the_schedule():
+  cfg = group_section()
+  schedule = optax.linear_schedule(cfg.learning_rate, 0.0, 10)
+  tx = training.make_optimizer(cfg, schedule)
+  params, grads = toy_tree()
+  state = tx.init(params)
+  for _ in range(5):
+    updates, state = tx.update(grads, state, params)
+  ref = optax.adamw(optax.linear_schedule(3e-2, 0.0, 10), weight_decay=2.0)
+  ref_state = ref.init(params['conv']['logit_dz'])
+  for _ in range(5):
+    want, ref_state = ref.update(grads['conv']['logit_dz'], ref_state, params['conv']['logit_dz'])
+  np.testing.assert_allclose(float(updates['conv']['logit_dz']), float(want), rtol=1e-5)
+
+
+def test_a_section_without_groups_is_todays_sgd():
+  config = demo_mnist5k.get_config()
+  for section in (config.train, config.finetune, config.search):
+    assert len(section.groups) == 0 and section.optimizer == 'sgd'
+  cfg = config.train
+  tx = training.make_optimizer(cfg, optax.constant_schedule(cfg.learning_rate))
+  want = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.sgd(cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov))
+  params, grads = toy_tree()
+  s1, s2 = tx.init(params), want.init(params)
+  for _ in range(3):
+    u1, s1 = tx.update(grads, s1, params)
+    u2, s2 = want.update(grads, s2, params)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_every_training_section_has_one_shape():
+  config = demo_mnist5k.get_config()
+  keys = set(config.train.keys())
+  assert {'optimizer', 'learning_rate', 'momentum', 'nesterov', 'weight_decay', 'schedule', 'step_fractions',
+          'step_factor', 'epochs', 'batch_size', 'eval_batch_size', 'precise_bn_batches', 'distill_weight',
+          'distill_temperature', 'groups'} == keys
+  for section in (config.finetune, config.search, config.codeq):
+    assert keys <= set(section.keys())
+  assert set(config.codeq.groups) == {'weights', 'dead_zone', 'bits'} and config.codeq.optimizer == 'adamw'

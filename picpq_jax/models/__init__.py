@@ -24,8 +24,12 @@ def get_spec(arch: str, num_classes: int, image_size: int, in_channels: int) -> 
   return _BUILDERS[arch](num_classes=num_classes, image_size=image_size, in_channels=in_channels)
 
 
-def create_model(arch: str, num_classes: int, image_size: int, in_channels: int) -> Net:
-  return Net(get_spec(arch, num_classes, image_size, in_channels))
+def create_model(arch: str, num_classes: int, image_size: int, in_channels: int, quantizer: str = 'picpq',
+                 **quantizer_settings) -> Net:
+  """Net of `arch` for the data shape. quantizer: 'picpq' (PIC-PQ's, at the bits given to apply) or 'codeq'
+  (CoDeQ's dead-zone quantizer in every conv and the head; quantizer_settings: max_bits, fixed_bits,
+  end_bits, see Net)."""
+  return Net(get_spec(arch, num_classes, image_size, in_channels), quantizer=quantizer, **quantizer_settings)
 
 
 __all__ = ['ARCHS', 'ArchSpec', 'BlockSpec', 'ConvSpec', 'DenseSpec', 'Net', 'create_model', 'get_spec']

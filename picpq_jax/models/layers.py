@@ -1,4 +1,9 @@
-"""The masked, quantized conv unit every prunable layer is made of: [quantize input] -> conv -> BN -> mask."""
+"""The masked, quantized conv unit every prunable layer is made of: [quantize input] -> conv -> BN -> mask.
+
+Which weight quantizer a unit uses is a static attribute (`quantizer`, one of `QUANTIZERS`), so a model is
+built for one scheme; the quantizers themselves live in quant.py. CoDeQ's units (and the classifier,
+`QDense`) own two scalar logits each, 'logit_dz' and 'logit_bit'.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -10,11 +15,33 @@ import jax.numpy as jnp
 from picpq_jax import quant
 from picpq_jax.models.spec import ConvSpec
 
+# 'picpq': quant.weight_codes at the `bits` argument's weight bits, integer codes convolved, scaled once;
+# 'codeq': quant.deadzone_quant on every call (bits or none), its float fake-quantized kernel convolved.
+QUANTIZERS = ('picpq', 'codeq')
+
 BN_MOMENTUM = 0.9  # Flax convention: running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 BN_EPSILON = 1e-5
 
 # He-normal over fan_out, as torchvision and the original initialize convs.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def check_quantizer(quantizer: str) -> None:
+  if quantizer not in QUANTIZERS:
+    raise ValueError(f'quantizer={quantizer!r} is not a quantizer of the models; choose one of {list(QUANTIZERS)}.')
+
+
+def logit_init(key, shape, dtype=jnp.float32):
+  """CoDeQ's initial logits (quant.INIT_LOGIT: almost no dead zone, max_bits bits)."""
+  del key
+  return jnp.full(shape, quant.INIT_LOGIT, dtype)
+
+
+def deadzone_kernel(module: nn.Module, kernel: jax.Array, max_bits: int, fixed_bits: Optional[int]) -> jax.Array:
+  """Declare `module`'s CoDeQ logits and return its fake-quantized kernel W^ (quant.deadzone_quant)."""
+  logit_dz = module.param('logit_dz', logit_init, ())
+  logit_bit = module.param('logit_bit', logit_init, ())
+  return quant.deadzone_quant(kernel, logit_dz, logit_bit, max_bits=max_bits, fixed_bits=fixed_bits)
 
 
 class MaskedQConv(nn.Module):
@@ -28,22 +55,42 @@ class MaskedQConv(nn.Module):
   taken from is sown as intermediates['conv']: the conv output before BatchNorm, or, for a spec with
   `rank_after_activation` (MobileNetV2's stem and last conv), the output after `activation`. Returns the
   masked BatchNorm output (B, H', W', out_channels), after `activation` when one is given.
+
+  quantizer='codeq' (CoDeQ): params 'logit_dz' and 'logit_bit' (scalars), and the kernel always goes through
+  quant.deadzone_quant with `max_bits` / `fixed_bits` (None: learned bits), whether or not `bits` is given;
+  with `bits` only its activation bits are used (the input goes through PIC-PQ's activation quantizer, which
+  at 32 bits is the ReLU before this conv, a no-op on its already rectified input). The float kernel W^ is
+  convolved (dead-zone levels s q + sh sign(q) are not one integer grid).
+
+  weight_mask (kernel-shaped 0/1, e.g. a Policy's): multiplies the QUANTIZED kernel (the codes for 'picpq',
+  so the sum stays integer; W^ for 'codeq', so the quantizer's top level A is that of the whole kernel).
   """
   spec: ConvSpec
+  quantizer: str = 'picpq'
+  max_bits: int = 8
+  fixed_bits: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None, bits: Any = None,
-               activation: Optional[Callable[[jax.Array], jax.Array]] = None):
+               activation: Optional[Callable[[jax.Array], jax.Array]] = None,
+               weight_mask: Optional[jax.Array] = None):
     s = self.spec
+    check_quantizer(self.quantizer)
     kernel = self.param('kernel', conv_init, (s.kernel, s.kernel, s.in_channels // s.groups, s.out_channels))
     step = None
-    if bits is not None:
+    if self.quantizer == 'codeq':
+      kernel = deadzone_kernel(self, kernel, self.max_bits, self.fixed_bits)
+      if bits is not None:
+        x = quant.act_quant(x, bits[1], signed=s.signed_input or s.source is None)
+    elif bits is not None:
       w_bits, a_bits = bits[0], bits[1]
       # The image (stem input) and linear bottlenecks are signed: a [0, 1] clip would zero their negatives.
       x, x_step = quant.act_codes(x, a_bits, signed=s.signed_input or s.source is None)
       weight_codes = quant.grid_weight_codes if s.kernel_on_grid else quant.weight_codes
       kernel, w_step = weight_codes(kernel, w_bits)
       step = x_step * w_step
+    if weight_mask is not None:
+      kernel = kernel * jnp.asarray(weight_mask, kernel.dtype)
     pad = s.kernel // 2
     # With bits, x and kernel hold integer codes: the sum is exact in any order (quant.py), scaled once after.
     y = jax.lax.conv_general_dilated(
@@ -64,3 +111,20 @@ class MaskedQConv(nn.Module):
                          "it must be the conv of a 'conv' block.")
       self.sow('intermediates', 'conv', y)
     return y
+
+
+class QDense(nn.Module):
+  """A dense layer whose kernel goes through CoDeQ's quantizer (params as nn.Dense's, plus the two logits).
+
+  The variables of an nn.Dense of the same features load into it unchanged (the logits keep their init).
+  """
+  features: int
+  max_bits: int = 8
+  fixed_bits: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    kernel = deadzone_kernel(self, kernel, self.max_bits, self.fixed_bits)
+    return jnp.dot(x, kernel.astype(x.dtype)) + bias

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from picpq_jax.models.layers import BN_EPSILON, BN_MOMENTUM, MaskedQConv
+from picpq_jax.models.layers import BN_EPSILON, BN_MOMENTUM, MaskedQConv, QDense, check_quantizer
 from picpq_jax.models.spec import ArchSpec
 
 ACTIVATIONS = {'relu': jax.nn.relu, 'relu6': jax.nn.relu6}
@@ -31,25 +31,63 @@ def option_a_shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array
 
 
 class Net(nn.Module):
-  """A CNN built from `spec`; `apply(variables, x, train, masks=None, bits=None)` -> logits (B, classes).
+  """A CNN built from `spec`; `apply(variables, x, train, masks=None, bits=None, weight_masks=None)` -> logits.
 
   masks: layer name -> (out_channels,) 0/1 floats, multiplied into the BatchNorm output.
   bits: layer name -> (weight_bits, activation_bits) (a pair or a (2,) array; 32 = full precision).
-  Layers absent from either dict are dense / full precision.
+  weight_masks: layer name -> kernel-shaped 0/1 (HWIO), multiplied into the quantized kernel.
+  Layers absent from a dict are dense / full precision.
+
+  quantizer (static): 'picpq' (PIC-PQ's quantizers at the `bits` given) or 'codeq' (every prunable conv and
+  every dense layer of the head quantized by CoDeQ's dead-zone quantizer, with `max_bits` and `fixed_bits`,
+  on every call; `bits` then sets only activation bits; layers.MaskedQConv). end_bits (codeq only), for the
+  ends (the convs reading the image and the head's dense layers): 0 = learned like every other layer (as
+  published), 2..31 = fixed at that many bits, 32 = not quantized (PIC-PQ's convention).
   """
   spec: ArchSpec
+  quantizer: str = 'picpq'
+  max_bits: int = 8
+  fixed_bits: Optional[int] = None
+  end_bits: int = 0
+
+  def unit_settings(self, end: bool) -> tuple[str, Optional[int]]:
+    """(quantizer, fixed_bits) of a conv or dense layer; `end`: a stem conv or a head layer."""
+    if self.quantizer != 'codeq' or not end or self.end_bits == 0:
+      return self.quantizer, self.fixed_bits
+    if self.end_bits >= 32:
+      return 'picpq', None  # not quantized (PIC-PQ's units at the 32 bits they get)
+    return 'codeq', int(self.end_bits)
+
+  def codeq_layers(self) -> dict[str, dict]:
+    """layer name -> {'max_bits', 'fixed_bits'} of every layer CoDeQ's quantizer runs in (convs and head)."""
+    out = {}
+    for c in self.spec.convs:
+      q, fixed = self.unit_settings(c.source is None)
+      if q == 'codeq':
+        out[c.name] = {'max_bits': self.max_bits, 'fixed_bits': fixed}
+    for d in self.spec.head:
+      q, fixed = self.unit_settings(True)
+      if q == 'codeq':
+        out[d.name] = {'max_bits': self.max_bits, 'fixed_bits': fixed}
+    return out
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, masks: Optional[Mapping[str, Any]] = None,
-               bits: Optional[Mapping[str, Any]] = None) -> jax.Array:
+               bits: Optional[Mapping[str, Any]] = None,
+               weight_masks: Optional[Mapping[str, Any]] = None) -> jax.Array:
     spec = self.spec
+    check_quantizer(self.quantizer)
     check_layer_names(spec, 'masks', masks)
     check_layer_names(spec, 'bits', bits)
-    masks, bits = masks or {}, bits or {}
-    units = {c.name: MaskedQConv(c, name=c.name) for c in spec.convs}
+    check_layer_names(spec, 'weight_masks', weight_masks)
+    masks, bits, weight_masks = masks or {}, bits or {}, weight_masks or {}
+    units = {}
+    for c in spec.convs:
+      quantizer, fixed = self.unit_settings(c.source is None)
+      units[c.name] = MaskedQConv(c, quantizer=quantizer, max_bits=self.max_bits, fixed_bits=fixed, name=c.name)
 
     def conv(name, h, activation=None):
-      return units[name](h, train, masks.get(name), bits.get(name), activation)
+      return units[name](h, train, masks.get(name), bits.get(name), activation, weight_masks.get(name))
 
     for block in spec.blocks:
       act = ACTIVATIONS[block.activation]
@@ -82,7 +120,11 @@ class Net(nn.Module):
         raise ValueError(f'unknown block kind {block.kind!r}')
     x = jnp.mean(x, axis=(1, 2))
     for dense in spec.head:
-      x = nn.Dense(dense.out_features, name=dense.name)(x)
+      quantizer, fixed = self.unit_settings(True)
+      if quantizer == 'codeq':
+        x = QDense(dense.out_features, max_bits=self.max_bits, fixed_bits=fixed, name=dense.name)(x)
+      else:
+        x = nn.Dense(dense.out_features, name=dense.name)(x)
       if dense.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                          name=dense.name + '_bn')(x)

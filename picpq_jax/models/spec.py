@@ -8,6 +8,7 @@ block structure the module executes and the dense head. `models/net.py` interpre
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 IMAGE = None  # `source` of a conv that reads the input image
@@ -84,7 +85,12 @@ class ArchSpec:
   head: tuple[DenseSpec, ...]
 
   def conv(self, name: str) -> ConvSpec:
-    return {c.name: c for c in self.convs}[name]
+    return self._convs_by_name[name]
+
+  @functools.cached_property
+  def _convs_by_name(self) -> dict[str, ConvSpec]:
+    """name -> ConvSpec, built once per spec (not per lookup; `Net` looks convs up block by block)."""
+    return {c.name: c for c in self.convs}
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int | None = None) -> int:

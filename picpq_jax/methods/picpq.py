@@ -1,0 +1,190 @@
+"""PIC-PQ as a method (METHOD.md): filter properties -> (a, b) search by aging evolution -> global ranking
+to the FLOPs target -> bits from how much of each layer survived.
+
+Its settings are `config.search`. Stages, each saved in the workdir (a stopped run resumes where it stopped):
+filter_properties.npz, search/ (orbax, every round) and search.json + search_history.npz + search_loss.png,
+then policy.json. The fine-tuning that follows is the shared one (pipeline.py).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from picpq_jax import bits as bits_lib
+from picpq_jax import checkpoints, cost, criteria, data, evolution, fitness, pruning, report, topology
+from picpq_jax import policy as policy_lib
+from picpq_jax.methods import Context, Result
+
+NAME = 'picpq'
+SECTION = 'search'
+PROVENANCE = (
+    '[paper, code] global filter ranking a_l * FP + b_l to a FLOPs target, (a, b) by aging evolution, '
+    'bits = B_max - ceil(lambda / s_l), the three fine-tuning stages',
+    '[code] B_max per layer, tau, keep fraction and fine-tune epochs of each experiment (configs/)',
+    '[ours] failed (NaN) candidates lose tournaments; >= 1 mutated layer; std 1.0 for constant filter '
+    'properties; min_bits 2; repeated pruning plans reuse their loss (search.cache_plans); K children per '
+    'round (search.num_children); precise BatchNorm and optional distillation in fine-tuning',
+)
+
+FILTER_PROPERTIES = 'filter_properties.npz'
+SEARCH = 'search'
+SEARCH_RESULT = 'search.json'
+
+
+def check_config(config: ml_collections.ConfigDict, topo) -> None:
+  check_search_config(config, topo)
+
+
+def run(context: Context) -> Result:
+  """Filter properties, the search, then the policy of the best candidate."""
+  c, workdir = context.config, context.workdir
+  fp = compute_filter_properties(c, workdir, context.model, context.topology, context.baseline)
+  found = run_search(c, workdir, context.model, context.topology, context.baseline, fp)
+  policy = derive_policy(c, workdir, context.topology, context.baseline, fp, found)
+  return Result(policy=policy, model=context.model, variables=None, summary=found)
+
+
+def check_search_config(config: ml_collections.ConfigDict, topo) -> None:
+  """Settings the search cannot run with, reported before any work starts."""
+  s = config.search
+  model = f'{topo.arch} ({topo.num_layers} prunable convs)'
+  if isinstance(s.keep_fraction, bool) or not 0 < s.keep_fraction <= 1:
+    raise ValueError(f'search.keep_fraction={s.keep_fraction!r} must lie in (0, 1]: it is the fraction of the '
+                     f'dense FLOPs of {model} that the pruned model keeps, e.g. 0.45.')
+  if isinstance(s.tau, bool) or not isinstance(s.tau, (int, np.integer)) or s.tau < 0:
+    raise ValueError(f'search.tau={s.tau!r} must be a non-negative integer: it counts the SGD steps that fine-tune '
+                     f'each pruned candidate of {model} before its fitness is measured (0 skips them; the '
+                     'original uses 200).')
+  topology.check_b_max(s.b_max, topo)
+  if s.criterion not in criteria.PROPERTIES:
+    raise ValueError(f'search.criterion={s.criterion!r} is not a filter property; choose one of '
+                     f'{list(criteria.PROPERTIES)}.')
+  fitness.resolve_eval_mode(s.eval_mode)
+  strategy, _ = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
+                                        s.total_evaluations, tournament_size=s.tournament)
+  if isinstance(strategy, evolution.AgingEvolution) and s.population < s.tournament:
+    # Draws with replacement would still work, but a tournament larger than the population is a typo.
+    raise ValueError(f'search.population ({s.population}) is smaller than search.tournament ({s.tournament}); '
+                     'the tournament draws from the population: lower search.tournament or raise '
+                     'search.population.')
+  # The identity candidate (a = 1, b = 0) with all-zero properties: if even it cannot reach the target under
+  # the safeguard, global_prune says so in one sentence.
+  zeros = [np.zeros(l.out_channels, np.float32) for l in topo.layers]
+  pruning.global_prune(topo, zeros, np.ones(topo.num_layers), np.zeros(topo.num_layers), s.keep_fraction,
+                       s.safeguard, s.check_every)
+  if s.val_batch_size > config.data.val_size:
+    raise ValueError(f'search.val_batch_size={s.val_batch_size} exceeds data.val_size={config.data.val_size}; '
+                     'the fitness needs at least one full validation batch.')
+
+
+def compute_filter_properties(config, workdir: str, model, topo, variables) -> dict:
+  """Stage 2: per-layer FP vectors (saved to <workdir>/filter_properties.npz)."""
+  path = os.path.join(workdir, FILTER_PROPERTIES)
+  if os.path.exists(path):
+    return checkpoints.read_npz(path)
+  s = config.search
+  batches = None
+  if s.criterion == 'rank':
+    # Eval-mode statistics on plain (unaugmented) training images, as the original's calibration.
+    batches = data.fixed_batches(config.data, 'train', s.calibration_batch_size, s.calibration_batches,
+                                 seed=config.seed, train=False)['image']
+  fp = criteria.filter_properties(model, variables, batches, s.criterion)
+  checkpoints.write_npz(path, fp)
+  return fp
+
+
+def search_batches(config, info) -> tuple[dict, dict]:
+  """The fitness's data: tau augmented training batches (the same for every candidate) and the
+  validation batches."""
+  s = config.search
+  shape = (info.image_size, info.image_size, info.in_channels)
+  if s.tau > 0:
+    train = data.fixed_batches(config.data, 'train', s.batch_size, s.tau, seed=config.seed, train=True)
+  else:
+    train = {'image': np.zeros((0, s.batch_size, *shape), np.float32),
+             'label': np.zeros((0, s.batch_size), np.int32)}
+  num_val = config.data.val_size // s.val_batch_size
+  val = data.fixed_batches(config.data, 'validation', s.val_batch_size, num_val, seed=config.seed, train=False)
+  return train, val
+
+
+def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
+  """Stage 3: the evolutionary search over (a, b); checkpointed every round under <workdir>/search.
+
+  Writes <workdir>/search.json (best candidate, decoded) and search_history.npz (every candidate's a, b,
+  loss, FLOPs), and the plot search_loss.png. Returns the search.json content.
+  """
+  path = os.path.join(workdir, SEARCH_RESULT)
+  if os.path.exists(path):
+    return checkpoints.read_json(path)
+  s = config.search
+  info = data.dataset_info(config.data)
+  fp_padded = pruning.pad_filter_properties(topo, fp)
+  std = criteria.fp_std(fp, topo.names)
+  train, val = search_batches(config, info)
+  fns = fitness.CandidateFns(model, topo, fp_padded, s)
+  evaluate = fitness.PopulationFitness(fns, variables, train, val, s.chunk_size, s.eval_mode)
+  prune = jax.jit(lambda a, b: pruning.prune_masks_batched(topo, fp_padded, a, b, s.keep_fraction, s.safeguard,
+                                                           s.check_every))
+  plans = lambda a, b: fitness.plan_keys(topo, jax.device_get(prune(a, b)[0]))  # noqa: E731
+  losses = lambda a, b: evaluate(a, b)['loss']  # noqa: E731
+  if s.cache_plans:
+    losses = fitness.PlanCache(losses, plans)
+
+  def decoded(x):
+    return tuple(np.asarray(v) for v in evolution.decode(x, std))
+
+  strategy, params = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
+                                             s.total_evaluations, tournament_size=s.tournament)
+  t0 = time.time()
+  result = evolution.run_search(
+      strategy, params, lambda x: losses(*decoded(x)), jax.random.key(config.seed), topo.num_layers,
+      s.total_evaluations, progress=True, checkpoint_dir=os.path.join(workdir, SEARCH),
+      initial_slice=evaluate.group,
+      on_restore=(lambda x, loss: losses.remember(*decoded(x), loss)) if s.cache_plans else None)
+  wall = time.time() - t0
+  a_hist, b_hist = decoded(result.history_population)
+  hist_masks, hist_info = jax.device_get(prune(a_hist, b_hist))
+  # Which evaluations repeated an earlier plan: with search.cache_plans these took the stored loss.
+  repeated = fitness.repeated_plans(fitness.plan_keys(topo, hist_masks))
+  loss = np.asarray(result.history_fitness)
+  checkpoints.write_npz(os.path.join(workdir, 'search_history.npz'), {
+      'a': a_hist, 'b': b_hist, 'loss': loss, 'flops': hist_info['flops'], 'reached': hist_info['reached'],
+      'repeated_plan': repeated})
+  saved = int(repeated.sum()) if s.cache_plans else 0
+  report.plot_search(loss, os.path.join(workdir, 'search_loss.png'),
+                     f'{config.model.arch} on {config.data.name}: {s.strategy}', repeated=repeated)
+  best_a, best_b = (np.asarray(v).tolist() for v in evolution.decode(result.best_solution, std))
+  summary = {'arch': config.model.arch, 'strategy': s.strategy, 'evaluations': int(len(loss)),
+             'distinct_plans': int(len(loss) - repeated.sum()), 'evaluations_saved': saved,
+             'best_loss': float(result.best_fitness), 'a': best_a, 'b': best_b,
+             'failed_candidates': int(np.sum(~np.isfinite(loss))), 'wall_time_s': wall,
+             'candidates_per_s': len(loss) / max(wall, 1e-9)}
+  checkpoints.write_json(path, summary)
+  return summary
+
+
+def derive_policy(config, workdir: str, topo, variables, fp, found: dict) -> policy_lib.Policy:
+  """Stages 4-5: masks of the best (a, b) by global ranking, then bits from the surviving magnitude.
+
+  Writes <workdir>/policy.json (policy.py's format); an existing one (of this architecture) is reused.
+  """
+  path = os.path.join(workdir, policy_lib.POLICY_FILE)
+  if os.path.exists(path):
+    return policy_lib.read_policy(path, config.model.arch)
+  s = config.search
+  masks, _ = pruning.global_prune(topo, fp, np.asarray(found['a']), np.asarray(found['b']),
+                                  s.keep_fraction, s.safeguard, s.check_every)
+  masks = {k: np.asarray(v) for k, v in masks.items()}
+  bits = bits_lib.assign_bits(topo, variables['params'], masks, None, s.bit_penalty, s.min_bits)
+  policy = policy_lib.from_masks_and_bits(config.model.arch, config.data.name, NAME, masks, bits,
+                                          settings={'keep_fraction': s.keep_fraction})
+  policy = policy_lib.replace_summary(policy, cost.ledger(topo, policy))
+  policy_lib.write_policy(workdir, policy)
+  return policy
+
+
