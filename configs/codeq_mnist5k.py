@@ -7,9 +7,10 @@ reused as is). CoDeQ's training is its quantization-aware training, so there is 
 
 Whose choices: the quantizer, AdamW in three groups (weights, dead-zone logits, bit logits), max_bits 8, the
 logits' init 3.0 and 32-bit activations are the paper's / code's (BASELINES.md, "CoDeQ"). Ours: the epochs,
-learning rates and weight decays (the public code gives none), the cosine schedule, end_bits 32 (stem and classifier full precision, PIC-PQ's
-convention, for the like-for-like table; `--config.codeq.end_bits=0` quantizes them as published), and starting
-from the dense baseline with the best validation epoch kept, precise BatchNorm statistics before each validation.
+learning rates and weight decays (the public code gives none), the cosine schedule, end_bits 32 (stem and
+classifier full precision, PIC-PQ's convention, for the like-for-like table; `--config.codeq.end_bits=0`
+quantizes them as published), starting from the dense baseline with the best validation epoch kept, and
+precise BatchNorm statistics before each validation.
 
 Measured on a 2-core AMD EPYC (AVX2), 2026-12-01, from the demo's baseline (97.40 % test): 3 min 50 s for
 the 6 epochs, readout, evaluation and export; 77.9 % of the quantized conv weights zero; 7 bits in 17 convs

@@ -175,6 +175,22 @@ def add_codeq_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.codeq.fixed_bits = ml_collections.FieldReference(None, field_type=int)
   c.codeq.act_bits = 32
   c.codeq.end_bits = 32
+  return add_opq_config(c)
+
+
+def add_opq_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """OPQ-style (BASELINES.md, "OPQ"; picpq_jax/methods/opq.py): one-shot allocation of weight masks and bits
+  from the baseline's weights, then the shared fine-tuning with masks and steps frozen.
+
+  [ours] sparsity: the global fraction P of the allocated convs' weights pruned (one magnitude threshold from
+  a Laplace fit); avg_bits: the average weight bits of the surviving weights (one global step). Both budgets
+  are over the convs whose B_max is below 32; the stem and classifier stay 32-bit (PIC-PQ's convention).
+  act_bits 32: activations not quantized [paper]; < 32 uses PIC-PQ's activation quantizer [ours].
+  """
+  c.opq = ml_collections.ConfigDict()
+  c.opq.sparsity = 0.8
+  c.opq.avg_bits = 4.0
+  c.opq.act_bits = 32
   return c
 
 

@@ -199,8 +199,9 @@ class AgingEvolution(PopulationBasedAlgorithm):
   order: x[layers[i]] += eta * z_a[i] and x[L + layers[i]] += z_b[i], where eta = mutation_scale(t + k, T)
   and t = state.num_evaluations (evaluations done before child k, in evaluation order). A layer drawn twice
   is mutated once, with the noise of its first draw (the original loops over layers and asks
-  `if k in mutate_candidate`; the later draw's noise is unused). Float32 throughout; XLA on CPU may fuse the multiply-add and
-  divide through a reciprocal, so a numpy replay of these draws agrees to about 1 ulp, not bit for bit.
+  `if k in mutate_candidate`; the later draw's noise is unused). Float32 throughout; XLA on CPU may fuse the
+  multiply-add and divide through a reciprocal, so a numpy replay of these draws agrees to about 1 ulp, not
+  bit for bit.
 
   `tell(key, children, fitness, state, params)` uses no randomness: it takes the first n <= K children of the
   last ask (n < K only for a budget-cut last round), inserts them one after the other, child j replacing the

@@ -69,6 +69,14 @@ w = float32(s q + sh sign(q)) (float32 arithmetic, as quant.deadzone_dequant), a
 in `bits`, so that the model uses the rebuilt kernel as it is (no quantizer applied again). A head layer named
 in `quantizers` is stored as its dequantized float32 kernel under 'dense/...' (the head is small), and the
 quantizers' logits are not stored. A file with a CoDeQ layer is version 2 (version 1 otherwise).
+
+The OPQ-style unified channel-wise quantizer (quant.opq_*; `quantizers={L: {'name': 'opq', 'step': d,
+'scales': [s_c, ...]}}`, methods/opq.py). Such a conv stores the codes q of quant.opq_codes (in [-Q, Q],
+packed at its weight bits as above) and its manifest entry holds 'quantizer': 'opq' and 'scale': d, the ONE
+step its channels share; each channel's s_c is folded into the conv's BatchNorm (gamma *= s_c,
+running mean /= s_c: BN(s_c y) with the old statistics is BN'(y) with the new ones; with fold_bn the affine
+map follows). It is rebuilt as w = float32(q * d) and loads with weight bits 32 in `bits`, so that the model
+uses the rebuilt kernel as it is. An export with an OPQ-style layer is version 2 as well.
 """
 from __future__ import annotations
 
@@ -95,6 +103,7 @@ VERSION = 1  # PIC-PQ exports (and every export without a CoDeQ layer)
 CODEQ_VERSION = 2  # an export with CoDeQ layers: manifest entries carry 'quantizer', 'step', 'shift'
 READ_VERSIONS = (VERSION, CODEQ_VERSION)
 CODEQ = 'codeq'
+OPQ = 'opq'
 QUANTIZER_LEAVES = ('logit_dz', 'logit_bit')  # a CoDeQ layer's own parameters, not part of the network
 MANIFEST_KEY = '__manifest__'
 FULL_PRECISION = 32
@@ -376,6 +385,31 @@ def _codeq_quantizers(spec: ArchSpec, variables: Mapping[str, Any], layer_bits: 
   return out
 
 
+def _opq_quantizers(spec: ArchSpec, layer_bits: Mapping[str, tuple[int, int]],
+                    quantizers: Optional[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict]:
+  """layer name -> {'step', 'scales', 'bits'} of the convs whose quantizer is OPQ-style and whose weight bits
+  are below 32, checked against the spec."""
+  out = {}
+  convs = {c.name: c for c in spec.convs}
+  for name, q in (quantizers or {}).items():
+    if q.get('name', 'picpq') != OPQ:
+      continue
+    if name not in convs:
+      raise ValueError(f'quantizers name layer {name!r}, which {spec.arch} does not have as a conv.')
+    if np.shape(q['scales']) != (convs[name].out_channels,):
+      raise ValueError(f'quantizers[{name!r}] has {np.size(q["scales"])} scales; the conv has '
+                       f'{convs[name].out_channels} output channels.')
+    if layer_bits[name][0] < FULL_PRECISION:
+      out[name] = {'step': float(np.float32(q['step'])), 'scales': np.asarray(q['scales'], np.float32),
+                   'bits': layer_bits[name][0]}
+  return out
+
+
+def _opq_kernel_codes(kernel, q: Mapping[str, Any]) -> np.ndarray:
+  codes, _ = quant.opq_codes(jnp.asarray(kernel, jnp.float32), q['step'], q['scales'], q['bits'])
+  return np.asarray(codes).astype(code_dtype(q['bits']))
+
+
 def _deadzone_kernel_codes(kernel, q: Mapping[str, Any]) -> np.ndarray:
   codes = np.asarray(quant.deadzone_codes_at(jnp.asarray(kernel, jnp.float32), q['step'], q['shift'], q['bits']))
   return codes.astype(code_dtype(q['bits']))
@@ -427,14 +461,27 @@ def export_model(path: str, spec: ArchSpec, variables: Mapping[str, Any], masks:
                                                      q['step'], q['shift'])
   for name in [c.name for c in spec.convs if c.name in codeq_layers]:
     params[name]['kernel'] = _deadzone_kernel_codes(params[name]['kernel'], codeq_layers[name])
+  opq_layers = _opq_quantizers(spec, layer_bits, quantizers)
+  batch_stats = variables['batch_stats']
+  if opq_layers:
+    batch_stats = dict(batch_stats)
+    for name, q in opq_layers.items():
+      # Codes on the shared grid; the channel scales folded into this conv's BatchNorm.
+      params[name] = {**params[name], 'kernel': _opq_kernel_codes(params[name]['kernel'], q),
+                      'bn': {**params[name]['bn'],
+                             'scale': np.asarray(params[name]['bn']['scale'], np.float32) * q['scales']}}
+      stats = batch_stats[name]['bn']
+      batch_stats[name] = {**batch_stats[name],
+                           'bn': {**stats, 'mean': np.asarray(stats['mean'], np.float32) / q['scales']}}
   quantized = [c.name for c in spec.convs
-               if layer_bits[c.name][0] < FULL_PRECISION and c.name not in codeq_layers]
+               if layer_bits[c.name][0] < FULL_PRECISION and c.name not in codeq_layers
+               and c.name not in opq_layers]
   coded = quantize_kernels([variables['params'][name]['kernel'] for name in quantized],
                            [layer_bits[name][0] for name in quantized])
   scales = {}
   for name, (codes, scale) in zip(quantized, coded):
     params[name]['kernel'], scales[name] = codes, scale
-  slim = slice_variables(spec, {'params': params, 'batch_stats': variables['batch_stats']}, keep)
+  slim = slice_variables(spec, {'params': params, 'batch_stats': batch_stats}, keep)
 
   conv_names = {c.name for c in spec.convs}
   arrays, layers = {}, []
@@ -458,12 +505,14 @@ def export_model(path: str, spec: ArchSpec, variables: Mapping[str, Any], masks:
         code_dtype=code_dtype(w_bits).name if w_bits < FULL_PRECISION else 'float32'))
     if c.name in codeq_layers:
       layers[-1].update(quantizer=CODEQ, step=codeq_layers[c.name]['step'], shift=codeq_layers[c.name]['shift'])
+    if c.name in opq_layers:
+      layers[-1].update(quantizer=OPQ, scale=opq_layers[c.name]['step'])
   for collection in ('params', 'batch_stats'):
     rest = {k: v for k, v in slim.get(collection, {}).items() if k not in conv_names}
     arrays.update(_flatten(rest, f'dense/{collection}'))
 
   manifest = dict(
-      format=FORMAT, version=CODEQ_VERSION if codeq_layers else VERSION, description=_DESCRIPTION,
+      format=FORMAT, version=CODEQ_VERSION if (codeq_layers or opq_layers) else VERSION, description=_DESCRIPTION,
       arch=spec.arch, num_classes=spec.num_classes, image_size=spec.image_size, in_channels=spec.in_channels,
       fold_bn=bool(fold_bn), bn_epsilon=BN_EPSILON, dense_params=_num_dense_entries(variables['params']),
       layers=layers, meta=meta_json)
@@ -555,6 +604,10 @@ def load_model(path: str):
         codes = unpack_codes(arrays[f'{c.name}/codes'], w_bits, math.prod(shape))
         kernel = deadzone_dequantize(codes.reshape(shape), float(entry['step']), float(entry['shift']))
         w_bits = FULL_PRECISION  # the kernel holds its levels already
+      elif entry.get('quantizer') == OPQ:
+        codes = unpack_codes(arrays[f'{c.name}/codes'], w_bits, math.prod(shape))
+        kernel = dequantize(codes.reshape(shape), float(entry['scale']))
+        w_bits = FULL_PRECISION  # the kernel holds its levels already (channel scales are in the BatchNorm)
       elif w_bits < FULL_PRECISION:
         codes = unpack_codes(arrays[f'{c.name}/codes'], w_bits, math.prod(shape))
         kernel = dequantize(codes.reshape(shape), float(entry['scale']))

@@ -37,6 +37,9 @@ POLICY_FILE = 'policy.json'
 WEIGHT_MASKS_FILE = 'policy_weight_masks.npz'
 FULL_PRECISION = 32
 DEFAULT_QUANTIZER = 'picpq'  # quant.weight_codes / act_codes: PIC-PQ's quantizers
+# A quantizer-dict key: True when fine-tuning must multiply the layer's weight mask into its quantized kernel
+# (model_arguments then hands the mask on).
+ENFORCE_WEIGHT_MASK = 'enforce_weight_mask'
 
 
 class PolicyFormatError(ValueError):
@@ -98,7 +101,8 @@ class Policy:
   @property
   def quantizer_parameters(self) -> dict[str, dict]:
     """layer name (convs and quantized head layers) -> {'name', ...parameters}: what the export stores."""
-    return {**{name: dict(l.quantizer) for name, l in self.layers.items()}, **{k: dict(v) for k, v in self.head.items()}}
+    convs = {name: dict(l.quantizer) for name, l in self.layers.items()}
+    return {**convs, **{name: dict(q) for name, q in self.head.items()}}
 
 
 def from_masks_and_bits(arch: str, dataset: str, method: str, masks: Mapping[str, Any],
@@ -130,14 +134,22 @@ def model_arguments(policy: Policy) -> dict[str, Any]:
   """What `Net.apply` (and training.fit) take for this policy: {'masks': name -> (C,) float32, 'bits':
   name -> (2,) int32 [weight, activation], or None when every layer is full precision}.
 
-  Weight-level masks are not among them: the method that made them keeps them in its weights (CoDeQ's dead
-  zones give exact zeros); a method that must enforce them during fine-tuning adds them to this result.
+  Weight-level masks are among them only for the layers whose quantizer dict says
+  `ENFORCE_WEIGHT_MASK: True` (OPQ-style: the masks are frozen and multiply the quantized kernel during
+  fine-tuning): then the result also has 'weight_masks' (name -> kernel-shaped float32 0/1). Otherwise the
+  method that made them keeps them in its weights (CoDeQ's dead zones give exact zeros) and the result is
+  exactly {'masks', 'bits'}.
   """
   masks = {name: np.asarray(m, np.float32) for name, m in policy.masks.items()}
   quantized = any(l.weight_bits < FULL_PRECISION or l.act_bits < FULL_PRECISION for l in policy.layers.values())
   bits = ({name: np.asarray([l.weight_bits, l.act_bits], np.int32) for name, l in policy.layers.items()}
           if quantized else None)
-  return {'masks': masks, 'bits': bits}
+  out = {'masks': masks, 'bits': bits}
+  enforced = {name: np.asarray(l.weight_mask, np.float32) for name, l in policy.layers.items()
+              if l.weight_mask is not None and l.quantizer.get(ENFORCE_WEIGHT_MASK)}
+  if enforced:
+    out['weight_masks'] = enforced
+  return out
 
 
 def replace_summary(policy: Policy, summary: Mapping[str, Any]) -> Policy:

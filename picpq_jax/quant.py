@@ -321,3 +321,35 @@ def deadzone_codes_at(w: Any, step: Any, shift: Any, bits: int) -> jax.Array:
   grid = DeadZoneGrid(top=jnp.float32(0), bits=jnp.float32(bits), dead_zone=jnp.float32(0), levels=levels,
                       step=jnp.asarray(step, jnp.float32), shift=jnp.asarray(shift, jnp.float32))
   return _float_codes(jnp.asarray(w), grid).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OPQ-style unified channel-wise quantizer
+# ----------------------------------------------------------------------------------------------------------
+# The OPQ-style reconstruction (BASELINES.md, "OPQ"; picpq_jax/methods/opq.py decides the numbers): every
+# output channel c of a layer is divided by its scale s_c (max |W_c| of its surviving weights, frozen at
+# allocation), and all channels share ONE mid-tread grid of step `step` (in those scaled units) and
+# Q = 2^(B-1) - 1 levels each side:
+#
+#     codes = clip(round_ste(W / (s_c step)), -Q, Q),     W_q = codes * step * s_c
+#
+# Rounding is straight-through, clip keeps its true gradient. The per-channel s_c folds into the following
+# BatchNorm at export (export.py), which leaves one shared codebook per layer.
+
+
+def opq_codes(w: jax.Array, step: Any, scales: Any, bits) -> tuple[jax.Array, jax.Array]:
+  """(codes, channel_step) of the OPQ-style quantizer: W_q = codes * channel_step, channel_step = step * s_c
+  broadcast over the output-channel (last) axis. bits: int or traced, 2 <= B < 32 (B >= 32: (w, 1))."""
+  k = _levels(bits)
+  q = weight_levels(bits)  # 2^(B-1) - 1, as the PIC-PQ grid's n
+  channel_step = jnp.asarray(step, jnp.float32) * jnp.asarray(scales, jnp.float32)
+  codes = jnp.clip(round_ste(w / channel_step), -q, q)
+  full = k >= FULL_PRECISION
+  return (jnp.where(full, w, codes).astype(w.dtype),
+          jnp.where(full, jnp.ones_like(channel_step), channel_step).astype(w.dtype))
+
+
+def opq_quant(w: jax.Array, step: Any, scales: Any, bits) -> jax.Array:
+  """The OPQ-style fake-quantized kernel codes * step * s_c (w itself at 32 bits); see `opq_codes`."""
+  codes, channel_step = opq_codes(w, step, scales, bits)
+  return codes * channel_step

@@ -148,13 +148,14 @@ def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, temperature:
 
 
 def loss_fn(params, batch_stats, model, batch: Mapping[str, jax.Array], masks=None, bits=None,
-            teacher_logits=None, distill_weight: float = 0.0, temperature: float = 1.0):
+            teacher_logits=None, distill_weight: float = 0.0, temperature: float = 1.0, weight_masks=None):
   """Training-mode forward (BatchNorm uses and updates batch statistics) -> (loss, (logits, new stats)).
 
   With teacher_logits: (1 - distill_weight) * cross-entropy + distill_weight * `distillation_loss`.
+  weight_masks: layer name -> kernel-shaped 0/1 (Net.apply's), or None.
   """
   logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'], train=True,
-                                masks=masks, bits=bits, mutable=['batch_stats'])
+                                masks=masks, bits=bits, mutable=['batch_stats'], weight_masks=weight_masks)
   loss = cross_entropy(logits, batch['label'])
   if teacher_logits is not None:
     loss = (1.0 - distill_weight) * loss + distill_weight * distillation_loss(logits, teacher_logits, temperature)
@@ -169,13 +170,13 @@ def make_train_step(model, tx: optax.GradientTransformation, distill_weight: flo
   batch are distilled into the student with `distill_weight` (ignored when teacher is None).
   """
 
-  def train_step(state: TrainState, batch, masks=None, bits=None, teacher=None):
+  def train_step(state: TrainState, batch, masks=None, bits=None, teacher=None, weight_masks=None):
     teacher_logits = None
     if teacher is not None:
       teacher_logits = jax.lax.stop_gradient(model.apply(teacher, batch['image'], train=False))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, model, batch, masks, bits,
-                                                   teacher_logits, distill_weight, temperature)
+                                                   teacher_logits, distill_weight, temperature, weight_masks)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
@@ -189,8 +190,8 @@ def make_eval_step(model) -> Callable:
   """(variables, batch, masks=None, bits=None) -> sums {'loss', 'correct', 'count'} over the batch's real
   examples (batch['weight'] marks padding with 0)."""
 
-  def eval_step(variables, batch, masks=None, bits=None):
-    logits = model.apply(variables, batch['image'], train=False, masks=masks, bits=bits)
+  def eval_step(variables, batch, masks=None, bits=None, weight_masks=None):
+    logits = model.apply(variables, batch['image'], train=False, masks=masks, bits=bits, weight_masks=weight_masks)
     weights = batch.get('weight', jnp.ones(batch['label'].shape, jnp.float32))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
@@ -207,17 +208,17 @@ def make_batch_stats_step(model) -> Callable:
   and variance, each computed with the earlier layers normalized by their own batch statistics, as in training.
   """
 
-  def batch_stats_step(variables, images, masks=None, bits=None):
+  def batch_stats_step(variables, images, masks=None, bits=None, weight_masks=None):
     zeros = jax.tree.map(jnp.zeros_like, variables['batch_stats'])
     _, updates = model.apply({'params': variables['params'], 'batch_stats': zeros}, images, train=True,
-                             masks=masks, bits=bits, mutable=['batch_stats'])
+                             masks=masks, bits=bits, mutable=['batch_stats'], weight_masks=weight_masks)
     return jax.tree.map(lambda s: s / (1.0 - BN_MOMENTUM), updates['batch_stats'])
 
   return batch_stats_step
 
 
 def precise_batch_stats(batch_stats_step: Callable, variables, batches: Iterable[Mapping[str, np.ndarray]],
-                        mesh: Mesh, masks=None, bits=None) -> Any:
+                        mesh: Mesh, masks=None, bits=None, weight_masks=None) -> Any:
   """BatchNorm running statistics replaced by the mean of the batch statistics over `batches` ("precise BN").
 
   The running averages lag the weights by ~1 / (1 - momentum) steps, and after pruning or quantization the
@@ -227,7 +228,8 @@ def precise_batch_stats(batch_stats_step: Callable, variables, batches: Iterable
   """
   total, n = None, 0
   for batch in batches:
-    stats = batch_stats_step(variables, shard_batch({'image': batch['image']}, mesh)['image'], masks, bits)
+    stats = batch_stats_step(variables, shard_batch({'image': batch['image']}, mesh)['image'], masks, bits,
+                             weight_masks)
     total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     n += 1
   if n == 0:
@@ -270,11 +272,11 @@ def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> dict:
 
 
 def evaluate(eval_step: Callable, variables, batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
-             masks=None, bits=None) -> dict:
+             masks=None, bits=None, weight_masks=None) -> dict:
   """Mean loss and accuracy over `batches` (eval_step already jitted)."""
   totals = None
   for batch in batches:
-    out = eval_step(variables, shard_batch(pad_batch(batch, mesh.size), mesh), masks, bits)
+    out = eval_step(variables, shard_batch(pad_batch(batch, mesh.size), mesh), masks, bits, weight_masks)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {'loss': float(totals['loss'] / totals['count']), 'accuracy': float(totals['correct'] / totals['count'])}
@@ -287,14 +289,16 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Mapping[str, np.n
 def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 'baseline',
         init_variables: Optional[Mapping[str, Any]] = None, masks=None, bits=None,
         train_cfg: Optional[ml_collections.ConfigDict] = None, select_best: bool = False,
-        teacher: Optional[Mapping[str, Any]] = None) -> dict:
+        teacher: Optional[Mapping[str, Any]] = None, weight_masks=None) -> dict:
   """Train `model` for train_cfg.epochs on config.data, checkpointing every epoch under <workdir>/<stage>.
 
   Resumes from the latest checkpoint there (same step, same optimizer state, same data order: epoch e's
   batches depend only on the seed and e). init_variables: start from these instead of a fresh init (a
   previous stage's best). select_best: also keep the checkpoint with the best validation accuracy under
   <workdir>/<stage>_best. teacher: variables of the dense `model` to distill from when
-  train_cfg.distill_weight > 0. Returns the final summary (validation metrics, best epoch, wall time).
+  train_cfg.distill_weight > 0. weight_masks: layer name -> kernel-shaped 0/1 (a Policy's enforced weight
+  masks, policy.model_arguments), passed to every step only when given. Returns the final summary
+  (validation metrics, best epoch, wall time).
   """
   train_cfg = train_cfg or config.train
   info = data.dataset_info(config.data)
@@ -338,7 +342,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
                total=steps_per_epoch, desc=f'{stage} epoch {epoch + 1}/{train_cfg.epochs}', leave=False)
     sums = None
     for batch in bar:
-      state, m = train_step(state, shard_batch(batch, mesh), masks, bits, teacher)
+      state, m = train_step(state, shard_batch(batch, mesh), masks, bits, teacher, weight_masks)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       seen += len(batch['label'])
     train_m = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
@@ -348,10 +352,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
     elapsed = time.time() - t0
     if bn_batches:
       state = state.replace(batch_stats=precise_batch_stats(
-          batch_stats_step, state.variables, ({'image': b} for b in bn_images), mesh, masks, bits))
+          batch_stats_step, state.variables, ({'image': b} for b in bn_images), mesh, masks, bits,
+          weight_masks))
     val = evaluate(eval_step, state.variables, data.epoch_batches(config.data, 'validation',
                                                                  train_cfg.eval_batch_size, train=False),
-                   mesh, masks, bits)
+                   mesh, masks, bits, weight_masks)
     step = int(jax.device_get(state.step))
     row = {'epoch': epoch + 1, 'train_loss': train_m['loss'], 'train_accuracy': train_m['accuracy'],
            'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'learning_rate': float(schedule(step)),

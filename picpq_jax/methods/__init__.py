@@ -25,6 +25,7 @@ REGISTRY = {
     'picpq': 'picpq',
     'uniform': 'uniform',
     'codeq': 'codeq',
+    'opq': 'opq',
 }
 
 

@@ -17,7 +17,9 @@ from picpq_jax.models.spec import ConvSpec
 
 # 'picpq': quant.weight_codes at the `bits` argument's weight bits, integer codes convolved, scaled once;
 # 'codeq': quant.deadzone_quant on every call (bits or none), its float fake-quantized kernel convolved.
-QUANTIZERS = ('picpq', 'codeq')
+# 'opq': quant.opq_quant (OPQ-style unified channel-wise grid, frozen step and channel scales `opq_grid`) at
+# the `bits` argument's weight bits, its float fake-quantized kernel convolved; no bits: the float kernel.
+QUANTIZERS = ('picpq', 'codeq', 'opq')
 
 BN_MOMENTUM = 0.9  # Flax convention: running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 BN_EPSILON = 1e-5
@@ -63,12 +65,18 @@ class MaskedQConv(nn.Module):
   convolved (dead-zone levels s q + sh sign(q) are not one integer grid).
 
   weight_mask (kernel-shaped 0/1, e.g. a Policy's): multiplies the QUANTIZED kernel (the codes for 'picpq',
-  so the sum stays integer; W^ for 'codeq', so the quantizer's top level A is that of the whole kernel).
+  so the sum stays integer; W^ for 'codeq', so the quantizer's top level A is that of the whole kernel; W_q
+  for 'opq', so a pruned entry contributes nothing and gets no gradient).
+
+  quantizer='opq' (OPQ-style, methods/opq.py): `opq_grid` = (step, (s_c per output channel)), frozen; with
+  `bits` the kernel goes through quant.opq_quant at the weight bits and the input through PIC-PQ's activation
+  quantizer at the activation bits (as CoDeQ's units); without, the float kernel is used.
   """
   spec: ConvSpec
   quantizer: str = 'picpq'
   max_bits: int = 8
   fixed_bits: Optional[int] = None
+  opq_grid: Optional[tuple] = None  # 'opq' only: (step, tuple of per-output-channel scales)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None, bits: Any = None,
@@ -81,6 +89,13 @@ class MaskedQConv(nn.Module):
     if self.quantizer == 'codeq':
       kernel = deadzone_kernel(self, kernel, self.max_bits, self.fixed_bits)
       if bits is not None:
+        x = quant.act_quant(x, bits[1], signed=s.signed_input or s.source is None)
+    elif self.quantizer == 'opq':
+      if bits is not None:
+        if self.opq_grid is None:
+          raise ValueError(f'conv {s.name!r} uses the opq quantizer but has no opq_grid (step, scales).')
+        grid_step, scales = self.opq_grid
+        kernel = quant.opq_quant(kernel, grid_step, jnp.asarray(scales, jnp.float32), bits[0])
         x = quant.act_quant(x, bits[1], signed=s.signed_input or s.source is None)
     elif bits is not None:
       w_bits, a_bits = bits[0], bits[1]

@@ -43,12 +43,17 @@ class Net(nn.Module):
   on every call; `bits` then sets only activation bits; layers.MaskedQConv). end_bits (codeq only), for the
   ends (the convs reading the image and the head's dense layers): 0 = learned like every other layer (as
   published), 2..31 = fixed at that many bits, 32 = not quantized (PIC-PQ's convention).
+
+  quantizer 'opq' (OPQ-style, methods/opq.py): `opq_grids` = ((layer name, step, (s_c, ...)), ...), frozen;
+  each conv named there quantizes its kernel with quant.opq_quant at the weight bits given, every other conv
+  is PIC-PQ's unit (left at 32 bits by the policy); the head is a plain Dense.
   """
   spec: ArchSpec
   quantizer: str = 'picpq'
   max_bits: int = 8
   fixed_bits: Optional[int] = None
   end_bits: int = 0
+  opq_grids: tuple = ()  # 'opq' only: ((layer name, step, tuple of per-channel scales), ...)
 
   def unit_settings(self, end: bool) -> tuple[str, Optional[int]]:
     """(quantizer, fixed_bits) of a conv or dense layer; `end`: a stem conv or a head layer."""
@@ -82,8 +87,14 @@ class Net(nn.Module):
     check_layer_names(spec, 'weight_masks', weight_masks)
     masks, bits, weight_masks = masks or {}, bits or {}, weight_masks or {}
     units = {}
+    grids = {name: (step, scales) for name, step, scales in self.opq_grids}
     for c in spec.convs:
       quantizer, fixed = self.unit_settings(c.source is None)
+      if quantizer == 'opq':
+        grid = grids.get(c.name)
+        units[c.name] = MaskedQConv(c, quantizer='opq' if grid is not None else 'picpq', max_bits=self.max_bits,
+                                    fixed_bits=fixed, opq_grid=grid, name=c.name)
+        continue
       units[c.name] = MaskedQConv(c, quantizer=quantizer, max_bits=self.max_bits, fixed_bits=fixed, name=c.name)
 
     def conv(name, h, activation=None):
