@@ -89,7 +89,9 @@ def compute_filter_properties(config, workdir: str, model, topo, variables) -> d
   s = config.search
   batches = None
   if s.criterion == 'rank':
-    # Eval-mode statistics on plain (unaugmented) training images, as the original's calibration.
+    # Eval-mode BatchNorm on the same un-augmented training images for every layer, in one forward pass per
+    # batch. Ours: the original (generate_rank.py) hooks one layer at a time and runs a fresh pass over its
+    # shuffled, augmented train_loader for each, so every layer sees other (augmented) images.
     batches = data.fixed_batches(config.data, 'train', s.calibration_batch_size, s.calibration_batches,
                                  seed=config.seed, train=False)['image']
   fp = criteria.filter_properties(model, variables, batches, s.criterion)
