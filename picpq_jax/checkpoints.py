@@ -92,7 +92,8 @@ def atomic_write(path: str, write: Callable[[Any], None], binary: bool = False) 
     raise
 
 
-def _plain(value: Any) -> Any:
+def json_value(value: Any) -> Any:
+  """A value JSON can hold: arrays as lists, numpy scalars as floats, anything else unknown as its str."""
   if isinstance(value, np.ndarray):
     return value.tolist()
   try:
@@ -103,7 +104,7 @@ def _plain(value: Any) -> Any:
 
 def write_json(path: str, obj: Any) -> None:
   """`obj` as indented JSON in `path`, atomically (numpy scalars and arrays become numbers and lists)."""
-  atomic_write(path, lambda f: json.dump(obj, f, indent=1, default=_plain))
+  atomic_write(path, lambda f: json.dump(obj, f, indent=1, default=json_value))
 
 
 def read_json(path: str) -> Any:

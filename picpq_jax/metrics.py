@@ -6,12 +6,7 @@ import os
 import time
 from typing import Any, Mapping
 
-
-def _plain(v: Any) -> Any:
-  try:
-    return float(v) if not isinstance(v, (str, bool, int)) else v
-  except (TypeError, ValueError):
-    return str(v)
+from picpq_jax import checkpoints
 
 
 class MetricWriter:
@@ -29,7 +24,7 @@ class MetricWriter:
         self._tb = None
 
   def write(self, step: int, kind: str, scalars: Mapping[str, Any]) -> None:
-    row = {'step': int(step), 'kind': kind, 'time': time.time(), **{k: _plain(v) for k, v in scalars.items()}}
+    row = {'step': int(step), 'kind': kind, 'time': time.time(), **{k: checkpoints.json_value(v) for k, v in scalars.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(row) + '\n')
     if self._tb is not None:

@@ -35,10 +35,6 @@ SEARCH = 'search'
 SEARCH_RESULT = 'search.json'
 
 
-def check_config(config: ml_collections.ConfigDict, topo) -> None:
-  check_search_config(config, topo)
-
-
 def run(context: Context) -> Result:
   """Filter properties, the search, then the policy of the best candidate."""
   c, workdir = context.config, context.workdir
@@ -48,7 +44,7 @@ def run(context: Context) -> Result:
   return Result(policy=policy, model=context.model, variables=None, summary=found)
 
 
-def check_search_config(config: ml_collections.ConfigDict, topo) -> None:
+def check_config(config: ml_collections.ConfigDict, topo) -> None:
   """Settings the search cannot run with, reported before any work starts."""
   s = config.search
   model = f'{topo.arch} ({topo.num_layers} prunable convs)'
