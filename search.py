@@ -9,7 +9,11 @@ skip them with --config.finetune.enabled=False); the export; and the report (sum
 --config: an ml_collections config file (configs/); override any entry, e.g. --config.search.population=32
 --workdir: where every stage's results, checkpoints, metrics and plots go.
 """
-from picpq_jax import xla_setup
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # TensorFlow's C++ logs off (before any TF import) unless asked
+
+from picpq_jax import xla_setup  # noqa: E402
 
 xla_setup.configure_cpu()
 

@@ -12,7 +12,11 @@
   schedules from config.finetune), each from the previous stage's best validation checkpoint, then export
   the slimmed, integer-coded model to DIR/model_export.npz.
 """
-from picpq_jax import xla_setup
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # TensorFlow's C++ logs off (before any TF import) unless asked
+
+from picpq_jax import xla_setup  # noqa: E402
 
 xla_setup.configure_cpu()
 
@@ -34,11 +38,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   config = FLAGS.config
-  from picpq_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from picpq_jax import fingerprints, pipeline  # pylint: disable=g-import-not-at-top
   if FLAGS.finetune:
     summary = pipeline.finetune_policy(config, FLAGS.workdir)
   else:
     pipeline.check_config(config)
+    fingerprints.prepare(FLAGS.workdir, config, last='baseline')
     summary = pipeline.train_baseline(config, FLAGS.workdir)
   print(json.dumps(summary, indent=1))
 

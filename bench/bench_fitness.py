@@ -1,122 +1,207 @@
-"""Search fitness throughput: candidates per second against K and the evaluation mode, and peak memory
-against the chunk size.
+"""Seconds per search candidate of every fitness mode, against the original PIC-PQ's, measured in one run.
 
-For each model and each mode ('host': Python loop over one compiled vmapped step; 'vmap': one compiled
-program per group, lax.scan over the tau steps, candidates vmapped; 'map': the same program with the
-candidates one after another), it times the evaluation of K candidates in one call (after a warm-up call
-that compiles) and compares it with K sequential single-candidate calls of the same mode. Peak memory is
-the process's maximum resident set (CPU) or the device's peak bytes in use (GPU/TPU), measured in a fresh
-process per chunk size. Synthetic data of the right shapes; random weights (speed does not depend on them).
+A candidate: prune to the FLOPs target (--keep, 0.45), tau SGD steps of batch --batch (128) from the
+baseline, the validation loss over --val-images (5,000, in batches of 500; the original's loader: 128).
+Every mode runs in this one process and the original (PyTorch) in a worker process (bench/torch_worker.py),
+round-robin, each timed call on a new random candidate whose target is reachable (a new plan: the 'sliced'
+mode compiles for it, as it does for nearly every candidate of a search). Synthetic data and random weights
+(the cost does not depend on them).
 
-  .venv/bin/python bench/bench_fitness.py                     # demo model + ResNet-20/32x32x3, tau 4
-  .venv/bin/python bench/bench_fitness.py --tau 200 --batch 128 --ks 1 4 16   # the original's tau and batch
+tau 200 is long on a 2-core machine, so a candidate is timed at --measure-tau (20) and given at --tau (200)
+as T(20) + 180 x (its median step time): every candidate of 'host' and 'sliced' times its own steps
+(PopulationFitness.step_seconds), the original's runs --extra-steps more steps of its pruned model after its
+validation, timed one by one. A median step is not moved by a spike of a loaded machine, where a difference
+of two whole candidates would be. 'vmap' and 'map' run the steps and the validation inside one compiled
+program (25-50x slower on XLA CPU): they are timed at tau 1 and 2 with one validation batch and once more
+with two, and the straight line through those is taken to --tau and the full validation. For 'host',
+'vmap' and 'map' the first call compiles, once per search: the table adds that spread over a search of
+400 candidates. A 'sliced' candidate's time includes its own compile.
+
+The original: with $PICPQ_ORIGINAL pointing at a checkout of github.com/fanxxxxyi/PIC-PQ, its own
+learn_ranking_ea work for one candidate (bench/torch_reference.py, 'original'); without, the same work
+written out in PyTorch ('candidate': a physically pruned ResNet, SGD, validation); without torch, skipped
+with a message. Ratios are per round (ours / the original's, both at --tau), median over rounds.
+
+  TORCH_PYTHON=/tmp/torchvenv/bin/python PICPQ_ORIGINAL=/tmp/PIC-PQ \\
+      .venv/bin/python bench/bench_fitness.py                       # ResNet-56, tau 20 -> 200
+  .venv/bin/python bench/bench_fitness.py --modes host sliced --rounds 3
 """
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-MODELS = {'demo (resnet20, 32x32x1)': ('resnet20', 32, 1), 'resnet20 (32x32x3)': ('resnet20', 32, 3)}
-
-
-def setup(arch, size, channels, tau, batch, chunk, mode):
-  from picpq_jax import xla_setup  # pylint: disable=g-import-not-at-top
-  xla_setup.configure_cpu()
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from picpq_jax import fitness, models, pruning, topology  # pylint: disable=g-import-not-at-top
-  config = common.base_config()
-  config.search.tau, config.search.batch_size, config.search.keep_fraction = tau, batch, 0.5
-  spec = models.get_spec(arch, 10, size, channels)
-  model, topo = models.Net(spec), topology.topology_from_spec(spec)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
-  rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda s: jnp.asarray(np.abs(rng.normal(0, 0.1, s.shape)), s.dtype), shapes)
-  fp = pruning.pad_filter_properties(topo, [rng.integers(0, size, l.out_channels) for l in topo.layers])
-  train = {'image': rng.normal(size=(tau, batch, size, size, channels)).astype(np.float32),
-           'label': rng.integers(0, 10, (tau, batch)).astype(np.int32)}
-  val = {'image': rng.normal(size=(1, 500, size, size, channels)).astype(np.float32),
-         'label': rng.integers(0, 10, (1, 500)).astype(np.int32)}
-  fns = fitness.CandidateFns(model, topo, fp, config.search)
-  evaluate = fitness.PopulationFitness(fns, variables, train, val, chunk_size=chunk, mode=mode)
-  a = np.exp(rng.normal(size=(64, topo.num_layers))).astype(np.float32)
-  b = rng.normal(size=(64, topo.num_layers)).astype(np.float32)
-  return evaluate, a, b, jax
+SEARCH_LENGTH = 400  # evaluations of the original's search: a one-off compile is spread over these
+LOOP_MODES = ('vmap', 'map')  # tau and the validation run inside the compiled program
 
 
-def child(args):
-  arch, size, channels = MODELS[args.model]
-  evaluate, a, b, jax = setup(arch, size, channels, args.tau, args.batch, args.chunk, args.mode)
-  k = args.k
-  evaluate(a[:k], b[:k])  # compile
+class Bench:
+  """The model, baseline, filter properties and candidates shared by every mode."""
+
+  def __init__(self, arch, keep, batch, val_batch, seed=0):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from configs import common  # pylint: disable=g-import-not-at-top
+    from picpq_jax import models, pruning, topology  # pylint: disable=g-import-not-at-top
+    self.np, self.jax = np, jax
+    self.cfg = common.base_config().search
+    self.cfg.keep_fraction, self.cfg.batch_size = keep, batch
+    self.batch, self.val_batch = batch, val_batch
+    self.spec = models.get_spec(arch, 10, 32, 3)
+    self.model, self.topo = models.Net(self.spec), topology.topology_from_spec(self.spec)
+    self.variables = jax.device_get(jax.jit(lambda: self.model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))())
+    self.rng = np.random.default_rng(seed)
+    self.fp = pruning.pad_filter_properties(
+        self.topo, [self.rng.integers(0, 32, l.out_channels) for l in self.topo.layers])
+    self._candidates = []
+    from picpq_jax import fitness  # pylint: disable=g-import-not-at-top
+    self.fns = fitness.CandidateFns(self.model, self.topo, self.fp, self.cfg)
+    self.prune = jax.jit(jax.vmap(self.fns.prune))
+
+  def batches(self, n, batch):
+    np = self.np
+    return {'image': self.rng.normal(size=(n, batch, 32, 32, 3)).astype(np.float32),
+            'label': self.rng.integers(0, 10, (n, batch)).astype(np.int32)}
+
+  def evaluator(self, mode, tau, val_batches):
+    from picpq_jax import fitness  # pylint: disable=g-import-not-at-top
+    return fitness.PopulationFitness(self.fns, self.variables, self.batches(tau, self.batch),
+                                     self.batches(val_batches, self.val_batch), mode=mode)
+
+  def widths(self, a, b):
+    """The kept output channels of every conv of a (1, L) candidate's plan."""
+    return [int(w) for w in self.jax.device_get(self.prune(a, b))[1]['keep'][0]]
+
+  def candidate(self):
+    """(a, b) of one (1, L) candidate that reaches the target, each call a new one."""
+    np, jax = self.np, self.jax
+    if not self._candidates:
+      n = self.topo.num_layers
+      a = np.exp(self.rng.normal(size=(256, n))).astype(np.float32)
+      b = (self.rng.normal(size=(256, n)) * 9).astype(np.float32)  # the properties' spread
+      _, info = jax.device_get(self.prune(a, b))
+      self._candidates = [(a[i:i + 1], b[i:i + 1]) for i in np.flatnonzero(info['reached'])]
+    return self._candidates.pop()
+
+
+def timed(fn):
   t0 = time.perf_counter()
-  evaluate(a[k:2 * k], b[k:2 * k])
-  batched = time.perf_counter() - t0
-  if args.memory_only:
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get('peak_bytes_in_use') or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({'peak_bytes': peak}))
-    return
-  evaluate(a[:1], b[:1])
-  t0 = time.perf_counter()
-  for i in range(k):
-    evaluate(a[i:i + 1], b[i:i + 1])
-  sequential = time.perf_counter() - t0
-  print(json.dumps({'batched_s': batched, 'sequential_s': sequential}))
+  fn()
+  return time.perf_counter() - t0
 
 
-def run_child(**kw):
-  argv = [sys.executable, __file__, '--child']
-  for key, value in kw.items():
-    argv += [f'--{key.replace("_", "-")}'] + ([] if value is True else [str(value)])
-  out = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
-  if out.returncode:
-    raise RuntimeError(out.stderr[-2000:])
-  return json.loads(out.stdout.strip().splitlines()[-1])
+def line(t_a, t_b, tau_a, tau_b, tau):
+  """T(tau) on the straight line through (tau_a, t_a) and (tau_b, t_b)."""
+  return t_b + (tau - tau_b) * (t_b - t_a) / (tau_b - tau_a)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--tau', type=int, default=4)
+  parser.add_argument('--arch', default='resnet56')
+  parser.add_argument('--tau', type=int, default=200, help='the tau the figures are given at')
+  parser.add_argument('--measure-tau', type=int, default=20, help="the tau measured ('host', 'sliced', original)")
+  parser.add_argument('--extra-steps', type=int, default=10, help="the original's steps timed one by one")
+  parser.add_argument('--loop-taus', type=int, nargs=2, default=[1, 2], help="the two taus of 'vmap' / 'map'")
   parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--ks', type=int, nargs='+', default=[1, 4])
-  parser.add_argument('--modes', nargs='+', default=['host', 'vmap', 'map'])
-  parser.add_argument('--chunks', type=int, nargs='+', default=[1, 2, 4])
-  parser.add_argument('--models', nargs='+', default=list(MODELS))
-  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
-  parser.add_argument('--model', help=argparse.SUPPRESS)
-  parser.add_argument('--mode', help=argparse.SUPPRESS)
-  parser.add_argument('--k', type=int, help=argparse.SUPPRESS)
-  parser.add_argument('--chunk', type=int, default=1, help=argparse.SUPPRESS)
-  parser.add_argument('--memory-only', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--val-images', type=int, default=5000)
+  parser.add_argument('--val-batch', type=int, default=500)
+  parser.add_argument('--keep', type=float, default=0.45)
+  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--modes', nargs='+', default=['host', 'sliced', 'vmap', 'map'])
   args = parser.parse_args()
-  if args.child:
-    return child(args)
   from picpq_jax import xla_setup  # pylint: disable=g-import-not-at-top
-  print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS") or xla_setup.FAST_CPU_FLAGS} | cores {os.cpu_count()} | '
-        f'tau {args.tau}, batch {args.batch}, 500 validation images')
-  print(f'{"model":<26} {"mode":<5} {"K":>3} {"cand/s":>8} {"sequential cand/s":>18} {"speed-up":>9}')
-  for model in args.models:
+  flags = xla_setup.configure_cpu()
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch_worker  # pylint: disable=g-import-not-at-top
+  from bench_train_step import cpu_name  # pylint: disable=g-import-not-at-top
+
+  bench = Bench(args.arch, args.keep, args.batch, args.val_batch)
+  n_val = args.val_images // args.val_batch
+  print(f'CPU: {cpu_name()}; load average at start {os.getloadavg()[0]:.1f}; XLA_FLAGS={flags!r}')
+  print(f'{args.arch}, keep {args.keep:.0%} of the FLOPs, batch {args.batch}, {n_val * args.val_batch} '
+        f'validation images; measured at tau {args.measure_tau} ({args.loop_taus} for {"/".join(LOOP_MODES)}), '
+        f'given at tau {args.tau}; {args.rounds} round(s)')
+
+  worker = torch_worker.TorchWorker.start()
+  original_dir = os.environ.get(torch_worker.ORIGINAL_ENV)
+  if worker is None:
+    print(torch_worker.skip_message())
+
+  # Every mode's evaluators, compiled by a first (timed) call. points: (tau, validation batches) measured.
+  plans = {}
+  for mode in args.modes:
+    if mode in LOOP_MODES:
+      pts = [(args.loop_taus[0], 1), (args.loop_taus[1], 1), (args.loop_taus[0], 2)]
+    else:
+      pts = [(args.measure_tau, n_val)]
+    evaluators = {p: bench.evaluator(mode, *p) for p in pts}
+    first = {p: timed(lambda e=e: e(*bench.candidate())) for p, e in evaluators.items()}
+    plans[mode] = (pts, evaluators, first)
+    print(f'  {mode}: first call (compile + one candidate) {", ".join(f"{v:.0f} s" for v in first.values())}',
+          flush=True)
+
+  rows = {mode: [] for mode in args.modes}  # per round: seconds at args.tau
+  steady = {mode: [] for mode in args.modes}  # per round: {point: seconds}
+  original_rows = []
+  first_steps = []  # 'sliced': the first step's time over the median (its compile)
+  for r in range(args.rounds):
     for mode in args.modes:
-      for k in args.ks:
-        chunk = k if mode == 'vmap' else 1
-        r = run_child(model=model, mode=mode, k=k, chunk=chunk, tau=args.tau, batch=args.batch)
-        print(f'{model:<26} {mode:<5} {k:>3} {k / r["batched_s"]:8.3f} {k / r["sequential_s"]:18.3f} '
-              f'{r["sequential_s"] / r["batched_s"]:9.2f}', flush=True)
-  print(f'\npeak memory against chunk size (vmap mode, K = {max(args.chunks)}):')
-  for chunk in args.chunks:
-    r = run_child(model=args.models[0], mode='vmap', k=max(args.chunks), chunk=chunk, tau=args.tau,
-                  batch=args.batch, memory_only=True)
-    print(f'  chunk {chunk:>3}: {r["peak_bytes"] / 2**20:8.0f} MiB')
-  print('reproduce: .venv/bin/python bench/bench_fitness.py ' + ' '.join(sys.argv[1:]))
+      pts, evaluators, _ = plans[mode]
+      for p, e in evaluators.items():
+        e.step_seconds = [] if mode not in LOOP_MODES else None
+      t = {p: timed(lambda e=e: e(*bench.candidate())) for p, e in evaluators.items()}
+      steady[mode].append(t)
+      if mode in LOOP_MODES:
+        (ta, va), (tb, _), _ = pts
+        per_val = t[pts[2]] - t[pts[0]]  # one more validation batch
+        at_tau = line(t[pts[0]], t[pts[1]], ta, tb, args.tau) + (n_val - va) * per_val
+        note = ''
+      else:
+        step = float(np.median(evaluators[pts[0]].step_seconds))
+        if mode == 'sliced':
+          first_steps.append(evaluators[pts[0]].step_seconds[0] - step)
+        at_tau = t[pts[0]] + (args.tau - args.measure_tau) * step
+        note = f', median step {step:.2f} s'
+      rows[mode].append(at_tau)
+      print(f'  round {r + 1} {mode}: ' + ', '.join(f'tau {p[0]}/{p[1]} val batches {v:.1f} s' for p, v in t.items())
+            + f'{note} -> {at_tau:.0f} s at tau {args.tau}', flush=True)
+    if worker:
+      kw = dict(tau=args.measure_tau, val_images=args.val_images, batch=args.batch, extra_steps=args.extra_steps)
+      if original_dir:
+        out = worker.call('original', dir=original_dir, keep_fraction=args.keep, **kw)
+      else:
+        out = worker.call('candidate', widths=bench.widths(*bench.candidate()), **kw)
+      step = float(np.median(out['step_times']))
+      original_rows.append(out['seconds'] + (args.tau - args.measure_tau) * step)
+      print(f'  round {r + 1} original: tau {args.measure_tau} {out["seconds"]:.1f} s, median step {step:.2f} s '
+            f'-> {original_rows[-1]:.0f} s at tau {args.tau}', flush=True)
+  if worker:
+    worker.close()
+
+  what = ('the original PIC-PQ code' if original_dir else 'the original\'s work written in PyTorch')
+  print(f'\nseconds per candidate at tau {args.tau}, {n_val * args.val_batch} validation images '
+        f'(median over rounds; ratio = ours / {what}, paired per round):')
+  print(f'{"mode":<10} {"s/candidate":>12} {"+ compile/400":>14} {"ratio":>7}')
+  for mode in args.modes:
+    pts, _, first = plans[mode]
+    s = float(np.median(rows[mode]))
+    ratio = (f'{np.median([m / o for m, o in zip(rows[mode], original_rows)]):7.2f}' if original_rows else '      -')
+    if mode == 'sliced':  # each candidate compiles its own step: its first step's extra time
+      compile_s = float(np.median(first_steps))
+      print(f'{mode:<10} {s:12.0f} {s:14.0f} {ratio}   (each candidate\'s train step compiles in ~{compile_s:.0f} s)')
+      continue
+    # A first call's extra time is the compile, once per search.
+    compile_s = float(np.median([first[p] - np.median([t[p] for t in steady[mode]]) for p in pts]))
+    once = max(0.0, compile_s) / SEARCH_LENGTH
+    print(f'{mode:<10} {s:12.0f} {s + once:14.0f} {ratio}   (the first call compiles in ~{compile_s:.0f} s)')
+  if original_rows:
+    print(f'{"original":<10} {np.median(original_rows):12.0f} {"":>14} {1.0:7.2f}   (PyTorch {worker.version})')
+  print('reproduce: ' + ' '.join(['.venv/bin/python', 'bench/bench_fitness.py'] + sys.argv[1:]))
 
 
 if __name__ == '__main__':

@@ -52,6 +52,10 @@ def parameter_group(learning_rate, weight_decay, leaves=()) -> ml_collections.Co
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # A stage whose saved result may be discarded and computed again when it (or a later stage) was computed
+  # from other settings: 'baseline', the method's section (e.g. 'search'), 'finetune', 'export' or 'report'.
+  # Empty: such a mismatch stops the run (picpq_jax/fingerprints.py).
+  c.recompute = ''
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cifar10'
@@ -117,6 +121,16 @@ def add_search_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   # (picpq_jax/models/, the original's per-layer lists where it has one); or one integer in 1..32 per
   # prunable conv in forward order, e.g. --config.search.b_max='(32, 8, 8, ...)'. 32 = full precision.
   c.search.b_max = ml_collections.FieldReference(None, field_type=tuple)
+  # Where (a, b) comes from: 'search' (the evolution above), 'identity' (a = 1, b = 0: the plain filter
+  # property ranked globally, no search), or 'reuse' (the best (a, b) of the search in ranking_workdir, found
+  # on the same baseline: one learned ranking serves every target, as in LeGR).
+  c.search.ranking = 'search'
+  c.search.ranking_workdir = ''
+  # A BOPs target instead of a FLOPs one (0 = off): the largest keep fraction on a grid of this step whose
+  # policy, with its bits, has at least bops_ratio times fewer BOPs than the dense FP32 model. The search
+  # itself still runs at keep_fraction.
+  c.search.bops_ratio = 0.0
+  c.search.bops_step = 0.01
   return add_finetune_config(c)
 
 
@@ -144,6 +158,8 @@ def add_finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # (1 - w) * cross-entropy + w * T^2 KL(teacher || student) at temperature T; w = 0 turns it off.
   c.finetune.distill_weight = 0.0
   c.finetune.distill_temperature = 4.0
+  # The seed of the fine-tuning stages (data order); None takes `seed`. compare.py repeats them with others.
+  c.finetune.seed = ml_collections.FieldReference(None, field_type=int)
   return add_codeq_config(add_export_config(c))
 
 
@@ -175,7 +191,7 @@ def add_codeq_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.codeq.fixed_bits = ml_collections.FieldReference(None, field_type=int)
   c.codeq.act_bits = 32
   c.codeq.end_bits = 32
-  return add_opq_config(c)
+  return add_djpq_config(add_opq_config(c))
 
 
 def add_opq_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -200,4 +216,41 @@ def add_export_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.export.fold_bn = False  # True: store each conv's BatchNorm folded into a per-channel scale and shift
   # Test images on which the loaded export's logits are compared with the masked model's (0: no check).
   c.export.check_images = 100
+  return c
+
+
+def add_djpq_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """DJPQ (BASELINES.md, "DJPQ"; picpq_jax/methods/djpq.py): VIB channel gates and DQ's learned steps trained
+  with the baseline's weights against a BOPs target, then read out to PIC-PQ's masks and bits.
+
+  [code: VIBNet] gates mu ~ N(1, 0.01), log sigma^2 ~ N(-9, 0.01), pruned where log alpha >= gate_threshold (0),
+  the KL with kl_mult = 1/H; gamma ~ 1e-5. [code: DQ] weight step in [2^-8, 1], init for init_bits bits.
+  [ours] loss = cross-entropy + gamma KL + beta relu(BOPs / BOPs_dense - 1 / target_bops_ratio)^2; the kept
+  channels' sigmoid surrogate at surrogate_temperature; weights by SGD (the fine-tuning's recipe), gates and
+  DQ parameters by Adam 1e-3 (AdamW without decay), in three groups, the section's schedule scaling each;
+  bits kept in min_bits..max_bits (2..8), init_bits 8; restrict: DJPQ-restrict (bits snapped up to powers of
+  two) [paper's variant, our snapping]; target_bops_ratio = dense FP32 BOPs / compressed BOPs, 50 (the
+  paper's ResNet-18 figure is 53x).
+  """
+  c.djpq = optimizer_section(optimizer='sgd', learning_rate=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                             schedule='cosine', epochs=30, batch_size=128, precise_bn_batches=4,
+                             eval_batch_size=c.train.get_ref('eval_batch_size'))
+  groups = {
+      'weights': parameter_group(c.djpq.get_ref('learning_rate'), c.djpq.get_ref('weight_decay')),
+      'gates': parameter_group(1e-3, 0.0, leaves=('mu', 'log_sigma2')),
+      'quantizer': parameter_group(1e-3, 0.0, leaves=('w_step', 'w_range', 'a_step', 'a_range')),
+  }
+  groups['weights'].optimizer = c.djpq.get_ref('optimizer')
+  groups['gates'].optimizer = 'adamw'
+  groups['quantizer'].optimizer = 'adamw'
+  c.djpq.groups = ml_collections.ConfigDict(groups)
+  c.djpq.target_bops_ratio = 50.0
+  c.djpq.gamma = 1e-5
+  c.djpq.beta = 1e3
+  c.djpq.gate_threshold = 0.0
+  c.djpq.surrogate_temperature = 1.0
+  c.djpq.init_bits = 8
+  c.djpq.min_bits = 2
+  c.djpq.max_bits = 8
+  c.djpq.restrict = False
   return c

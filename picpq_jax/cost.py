@@ -17,7 +17,8 @@ channel mask removes).
 Every function is pure jnp over `keep`, a (..., L) array of kept output channels per prunable layer in
 forward order (floats or ints; any leading batch axes), so it runs under jit and vmap; the topology is a
 closed-over constant whose numpy index arrays are baked into the trace. This is the only copy of these
-formulas: pruning.py, the bit assignment and the report all call it.
+formulas: pruning.py, the bit assignment and the report all call it. With float `keep` and bits they are
+differentiable (products and gathers only): DJPQ's BOPs term (methods/djpq.py) is `bops` of surrogate counts.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ conv, slow there too (2.3x the sequential cost for 4 ResNet-20 candidates).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -30,18 +31,30 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from picpq_jax import bits as bits_lib
-from picpq_jax import pruning, training
+from picpq_jax import export, pruning, training
+from picpq_jax.models.spec import ArchSpec
 from picpq_jax.topology import Topology
 
-EVAL_MODES = ('auto', 'vmap', 'map', 'host')
+EVAL_MODES = ('auto', 'vmap', 'map', 'host', 'sliced')
+# 'auto' on a CPU: 'sliced' from this many fine-tune steps on (see the module docstring), else 'host'.
+SLICED_MIN_TAU = 50
+SLIM_CACHE_SIZE = 8  # compiled slim networks kept (each a train step and a validation step)
 
 
-def resolve_eval_mode(mode: str, backend: Optional[str] = None) -> str:
+def resolve_eval_mode(mode: str, backend: Optional[str] = None, tau: Optional[int] = None,
+                      quantize: bool = False) -> str:
+  """The mode that runs: `mode`, or for 'auto' the fastest measured one for the backend, tau and quantize."""
   if mode not in EVAL_MODES:
     raise ValueError(f'search.eval_mode={mode!r} is not a mode; choose one of {list(EVAL_MODES)}.')
+  if mode == 'sliced' and quantize:
+    raise ValueError("search.eval_mode='sliced' fine-tunes without bits, but search.quantize=True asks for them "
+                     "(the weight quantizer's scale reads the pruned filters too); use eval_mode 'host' or "
+                     "'auto', or search.quantize=False.")
   if mode != 'auto':
     return mode
-  return 'host' if (backend or jax.default_backend()) == 'cpu' else 'vmap'
+  if (backend or jax.default_backend()) != 'cpu':
+    return 'vmap'
+  return 'sliced' if (not quantize and tau is not None and tau >= SLICED_MIN_TAU) else 'host'
 
 
 def search_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -49,18 +62,49 @@ def search_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransforma
   return training.make_optimizer(cfg, optax.constant_schedule(cfg.learning_rate))
 
 
+def fold_masks(params: Mapping[str, Any], masks: Mapping[str, Any]) -> dict:
+  """params with each masked conv's BatchNorm scale and bias multiplied by its channel mask (C,).
+
+  A conv unit computes BN(y) * m = (y - mean) * rsqrt(var + eps) * scale * m + bias * m; with the mask in
+  scale and bias, the output, the running statistics and every gradient are the same (m is 0 or 1, so the
+  products are exact), but the mask costs a (C,) product instead of a pass over the (B, H, W, C) output and
+  another over its gradient (the masked train step's overhead over the dense one: bench/bench_mask_overhead.py).
+  """
+  out = dict(params)
+  for name, m in masks.items():
+    bn = dict(out[name]['bn'])
+    bn['scale'], bn['bias'] = bn['scale'] * m, bn['bias'] * m
+    out[name] = dict(out[name], bn=bn)
+  return out
+
+
+class MasksInBatchNorm:
+  """`model` whose apply(variables, ..., masks=...) folds per-channel masks into BatchNorm (`fold_masks`)
+  and runs the model without them; the other arguments pass through."""
+
+  def __init__(self, model):
+    self.model = model
+
+  def apply(self, variables, *args, masks=None, **kwargs):
+    if masks:
+      variables = dict(variables, params=fold_masks(variables['params'], masks))
+    return self.model.apply(variables, *args, **kwargs)
+
+
 class CandidateFns:
   """The per-candidate pieces, each a pure function of one candidate (vmap / shard_map them freely).
 
   prune(a, b) -> (masks, info); start(variables) -> TrainState; step(state, batch, masks) -> state;
   validate(state, val_batch, masks) -> {'loss','correct','count'} sums; result(total, info) -> outputs.
+  The masks of a candidate are folded into BatchNorm (`fold_masks`), the same computation at the dense cost.
   """
 
   def __init__(self, model, topology: Topology, fp_padded: np.ndarray, cfg: ml_collections.ConfigDict):
     self.cfg = cfg
+    self.model = model
     self.tx = search_optimizer(cfg)
-    self._train_step = training.make_train_step(model, self.tx)
-    self._eval_step = training.make_eval_step(model)
+    self._train_step = training.make_train_step(MasksInBatchNorm(model), self.tx)
+    self._eval_step = training.make_eval_step(MasksInBatchNorm(model))
     self._topology, self._fp = topology, fp_padded
 
   def prune(self, a, b):
@@ -103,6 +147,42 @@ class CandidateFns:
         lambda t, batch: (jax.tree.map(jnp.add, t, self.validate(state, batch, masks, bits)), None),
         _zero_totals(), val_batches)[0]
     return self.result(total, info)
+
+
+class SlimPrograms:
+  """The compiled train step and validation step of the slimmed network, one pair per distinct set of layer
+  widths, so that candidates keeping as many channels in every layer share one compiled pair.
+
+  programs(slim_spec) -> (step, validate): step(state, batch) -> (state, metrics) (the state is donated),
+  validate(variables, batch) -> {'loss', 'correct', 'count'} sums; `slim_spec` (export.slim_spec) is
+  hashable and equal exactly when the widths are. The `capacity` most recently used pairs are kept.
+  `built` counts the pairs built (tests; progress).
+  """
+
+  def __init__(self, model, tx: optax.GradientTransformation, capacity: int = SLIM_CACHE_SIZE):
+    self._model, self._tx, self._capacity = model, tx, capacity
+    self._cache: dict[ArchSpec, tuple[Callable, Callable]] = {}
+    self.built = 0
+
+  def __call__(self, slim: ArchSpec) -> tuple[Callable, Callable]:
+    if slim in self._cache:
+      self._cache[slim] = self._cache.pop(slim)  # most recently used last
+      return self._cache[slim]
+    model = self._model.clone(spec=slim, parent=None)  # the same module settings, fewer channels
+    pair = (jax.jit(training.make_train_step(model, self._tx), donate_argnums=0),
+            jax.jit(training.make_eval_step(model)))
+    self._cache[slim] = pair
+    self.built += 1
+    while len(self._cache) > self._capacity:
+      self._cache.pop(next(iter(self._cache)))
+    return pair
+
+
+def _on_device(tree, device):
+  """The leaves copied into new buffers committed to `device`: donating them cannot touch the baseline's,
+  and the first step sees arguments placed as its outputs are (an uncommitted argument would compile the
+  step a second time)."""
+  return jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), tree), device)
 
 
 def _zero_totals():
@@ -150,13 +230,17 @@ class PopulationFitness:
                chunk_size: int = 1, mode: str = 'auto', mesh: Optional[Mesh] = None):
     self.mesh = mesh or training.data_mesh()
     self.chunk_size = max(1, int(chunk_size))
-    self.mode = resolve_eval_mode(mode)
+    self._num_steps = int(jax.tree.leaves(train_batches)[0].shape[0])
+    self._num_val = int(jax.tree.leaves(val_batches)[0].shape[0])
+    self.mode = resolve_eval_mode(mode, tau=self._num_steps, quantize=bool(fns.cfg.quantize))
+    self.fns = fns
+    self.step_seconds: Optional[list[float]] = None  # a list: the host and sliced modes time each step in it
+    if self.mode == 'sliced':
+      self._init_sliced(variables, train_batches, val_batches)
+      return
     self.group = self.mesh.size * self.chunk_size
     rep = lambda tree: training.replicate(tree, self.mesh)  # noqa: E731
     self._variables, self._train, self._val = rep(variables), rep(train_batches), rep(val_batches)
-    self._num_steps = int(jax.tree.leaves(train_batches)[0].shape[0])
-    self._num_val = int(jax.tree.leaves(val_batches)[0].shape[0])
-    self.fns = fns
     if self.mode in ('vmap', 'map'):
       self._whole = _sharded(_over_chunk(fns.whole, self.mode, (0, 0, None, None, None)), self.mesh,
                              (0, 0, None, None, None))
@@ -169,6 +253,58 @@ class PopulationFitness:
       self._validate = _sharded(_over_chunk(fns.validate, 'vmap', (0, None, 0, 0)), self.mesh, (0, None, 0, 0))
       self._result = _sharded(_over_chunk(fns.result, 'vmap', (0, 0)), self.mesh, (0, 0))
 
+  def _timed(self, step: Callable, *args):
+    """step(*args), its seconds appended to `step_seconds` when that is a list (benches: each step then
+    waits for the previous one, which costs a little of the dispatch overlap)."""
+    if self.step_seconds is None:
+      return step(*args)
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(step(*args))
+    self.step_seconds.append(time.perf_counter() - t0)
+    return out
+
+  def _init_sliced(self, variables, train_batches, val_batches):
+    """The sliced mode runs on one device, one candidate after another, so nothing is replicated: the
+    baseline stays on the host (it is sliced there) and each batch is put on the device once."""
+    self.group = self.chunk_size
+    self._baseline = jax.device_get(variables)
+    self._spec = self.fns.model.spec
+    self.slim_programs = SlimPrograms(self.fns.model, self.fns.tx)
+    self._device = device = jax.devices()[0]
+    batches = lambda tree, n: [jax.device_put({k: np.asarray(v[i]) for k, v in tree.items()}, device)  # noqa: E731
+                               for i in range(n)]
+    self._train_list = batches(train_batches, self._num_steps)
+    self._val_list = batches(val_batches, self._num_val)
+    self._prune_batched = jax.jit(jax.vmap(self.fns.prune))
+
+  def sliced_loss(self, masks: Mapping[str, np.ndarray]) -> float:
+    """The fitness of one plan computed on the slimmed network: masks (layer -> (out_channels,) 0/1) ->
+    the mean validation cross-entropy after the tau steps.
+
+    Equal to the masked computation to float32 rounding: a masked channel is 0 after its BatchNorm, so it
+    adds nothing downstream and its own weights never reach a kept channel (their gradients are zero; weight
+    decay and momentum act on each parameter alone); BatchNorm statistics are per channel, so those of a
+    kept channel are computed from the same values in both; the slim conv reads the kept inputs only, and
+    the masked one reads zeros elsewhere.
+    """
+    keep = export.kept_indices(self._spec, masks)
+    step, validate = self.slim_programs(export.slim_spec(self._spec, keep))
+    state = _on_device(self.fns.start(export.slice_variables(self._spec, self._baseline, keep)), self._device)
+    for batch in self._train_list:
+      state = self._timed(step, state, batch)[0]
+    sums = [validate(state.variables, batch) for batch in self._val_list]
+    total = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))
+    return float(total['loss']) / float(total['count'])
+
+  def _sliced_group(self, a, b, real: int):
+    """The first `real` candidates of a group, each fine-tuned and validated on its slimmed network."""
+    masks, info = jax.device_get(self._prune_batched(a[:real], b[:real]))
+    loss = np.full(real, np.nan, np.float32)
+    for i in np.flatnonzero(info['reached']):  # an unreached target fails without running
+      loss[i] = self.sliced_loss({name: m[i] for name, m in masks.items()})
+    loss = np.where(np.isfinite(loss), loss, np.nan).astype(np.float32)
+    return {'loss': loss, 'flops': info['flops'].astype(np.float32), 'reached': info['reached']}
+
   def _host_group(self, a, b):
     """One group with the tau steps as a Python loop over one compiled step (no loop in the program)."""
     masks, info = self._prune(a, b)
@@ -176,7 +312,7 @@ class PopulationFitness:
     bits = self._bits(self._variables['params'], masks) if self.fns.cfg.quantize else None
     for i in range(self._num_steps):
       batch = jax.tree.map(lambda x: x[i], self._train)
-      state = self._step(state, batch, masks, bits)
+      state = self._timed(self._step, state, batch, masks, bits)
     total = None
     for i in range(self._num_val):
       out = self._validate(state, jax.tree.map(lambda x: x[i], self._val), masks, bits)
@@ -190,7 +326,9 @@ class PopulationFitness:
     outs = []
     for start in range(0, a_p.shape[0], self.group):
       ga, gb = a_p[start:start + self.group], b_p[start:start + self.group]
-      if self.mode == 'host':
+      if self.mode == 'sliced':
+        out = self._sliced_group(ga, gb, min(self.group, k - start))
+      elif self.mode == 'host':
         out = self._host_group(ga, gb)
       else:
         out = self._whole(ga, gb, self._variables, self._train, self._val)

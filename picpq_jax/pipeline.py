@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from picpq_jax import calibration, checkpoints, cost, data, methods, models, training
+from picpq_jax import calibration, checkpoints, cost, data, fingerprints, methods, models, training
 from picpq_jax import policy as policy_lib
 
 BASELINE = 'baseline'
@@ -49,6 +49,7 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Writes <workdir>/baseline.json; returns it. The weights are in <workdir>/baseline (orbax).
   """
+  fingerprints.enter(workdir, config, 'baseline')
   path = os.path.join(workdir, BASELINE + '.json')
   if os.path.exists(path):
     summary = checkpoints.read_json(path)
@@ -72,7 +73,20 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def load_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return training.load_variables(workdir, BASELINE, config)
+  return load_stage_variables(config, workdir, BASELINE, 'baseline')
+
+
+def load_stage_variables(config, workdir: str, checkpoint: str, stage: str, best: bool = False) -> dict:
+  """training.load_variables of a finished stage's checkpoint; a damaged one is one sentence naming it and
+  the --config.recompute that computes it again."""
+  try:
+    return training.load_variables(workdir, checkpoint, config, best=best)
+  except checkpoints.CheckpointDamagedError as e:
+    name = fingerprints.label(config, stage)
+    raise checkpoints.CheckpointDamagedError(
+        f'the checkpoint {e.path} of the finished {name} stage is damaged ({e.reason}); add '
+        f'--config.recompute={name} to compute {name} and every later stage again, or use a fresh --workdir.',
+        e.path, e.reason) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,8 +99,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   the general ones (cli.check_config), then the chosen method's (methods.<name>.check_config)."""
   from picpq_jax import cli  # pylint: disable=g-import-not-at-top
   cli.check_config(config)
+  info = data.dataset_info(config.data)
+  cli.check_batch_sizes(config, info)
   method = methods.get(config.method.name)
-  method.check_config(config, build_topology(config))
+  method.check_config(config, build_topology(config, info))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,6 +112,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def run_method(config: ml_collections.ConfigDict, workdir: str) -> methods.Result:
   """The chosen method from the dense baseline in workdir (resumable; a finished method is reloaded)."""
+  fingerprints.enter(workdir, config, 'method')
   model, info = build_model(config)
   context = methods.Context(config=config, workdir=workdir, model=model, topology=build_topology(config, info),
                             info=info, baseline=load_baseline(config, workdir))
@@ -106,6 +123,7 @@ def compress(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole run: baseline -> method -> policy -> fine-tuning (or evaluation) -> export -> report."""
   from picpq_jax import report  # pylint: disable=g-import-not-at-top
   check_config(config)
+  fingerprints.prepare(workdir, config)
   baseline = train_baseline(config, workdir)
   result = run_method(config, workdir)
   topo = build_topology(config)
@@ -113,9 +131,21 @@ def compress(config: ml_collections.ConfigDict, workdir: str) -> dict:
            else evaluate_method(config, workdir, result))
   exported = export_run(config, workdir, result, tuned)
   summary = run_summary(config, workdir, baseline, result, tuned, exported)
-  report.write_run_report(workdir, summary)
+  write_report(config, workdir, summary)
   return {'baseline': baseline, 'method': result.summary, 'policy': result.policy, 'finetune': tuned,
           'table': report.policy_table(summary), 'summary': summary}
+
+
+REPORT_FILES = ('summary.json', 'summary.md', 'layers.png')  # report.write_run_report's
+
+
+def write_report(config, workdir: str, summary: dict) -> None:
+  """The report stage: summary.json, summary.md and layers.png, written once (a finished run run again writes
+  nothing)."""
+  from picpq_jax import report  # pylint: disable=g-import-not-at-top
+  fingerprints.enter(workdir, config, 'report')
+  if not all(os.path.exists(os.path.join(workdir, name)) for name in REPORT_FILES):
+    report.write_run_report(workdir, summary)
 
 
 def run_summary(config, workdir: str, baseline: dict, result: methods.Result, tuned: Optional[dict],
@@ -171,6 +201,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, topo, result: meth
   first), is resumable, and keeps the pruned weights at exactly 0. Writes <workdir>/finetune.json (per stage:
   validation accuracy, best epoch, wall time; final test accuracy, measured once).
   """
+  fingerprints.enter(workdir, config, 'finetune')
   path = os.path.join(workdir, FINETUNE)
   if os.path.exists(path):
     return checkpoints.read_json(path)
@@ -190,16 +221,27 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, topo, result: meth
       variables, activation_scale = calibration.fit_to_quantizer_range(
           model, variables, images.reshape(-1, *images.shape[2:]), masks, config.finetune.calibration_percentile)
     stage_policy = policy_lib.with_stage_bits(policy, on_weights, on_acts)
-    fitted = training.fit(config, workdir, model, stage=name, init_variables=variables,
+    fitted = training.fit(with_finetune_seed(config), workdir, model, stage=name, init_variables=variables,
                           train_cfg=stage_train_config(config, epochs), select_best=True, teacher=baseline,
                           **policy_lib.model_arguments(stage_policy))
-    variables = training.load_variables(workdir, name, config, best=True)
+    variables = load_stage_variables(config, workdir, name, 'finetune', best=True)
     stages[name] = {'epochs': epochs, 'best_val_accuracy': fitted['best']['accuracy'],
                     'best_epoch': fitted['best']['epoch'] + 1, 'wall_time_s': fitted['wall_time_s']}
   summary = {'stages': stages, 'activation_scale': activation_scale,
              **evaluate_policy(config, model, variables, policy)}
   checkpoints.write_json(path, summary)
   return summary
+
+
+def with_finetune_seed(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config whose `seed` the fine-tuning stages train with: finetune.seed where set (compare.py repeats
+  the fine-tuning of one policy with several), else the run's own."""
+  seed = config.finetune.get('seed')
+  if seed is None or seed == config.seed:
+    return config
+  out = config.copy_and_resolve_references()
+  out.seed = seed
+  return out
 
 
 def evaluate_policy(config, model, variables, policy: policy_lib.Policy) -> dict:
@@ -215,6 +257,7 @@ EVALUATION = 'evaluation.json'
 def evaluate_method(config, workdir: str, result: methods.Result) -> Optional[dict]:
   """Without fine-tuning: the method's own trained model under its policy (CoDeQ's training is its QAT);
   None for a method that trains nothing (its policy has not been fine-tuned, so it has no accuracy yet)."""
+  fingerprints.enter(workdir, config, 'finetune')
   if result.variables is None:
     return None
   path = os.path.join(workdir, EVALUATION)
@@ -238,7 +281,7 @@ def final_variables(config, workdir: str, result: methods.Result) -> Optional[di
   last = FINETUNE_STAGES[-1][0]
   directory = os.path.join(workdir, last + '_best')
   if os.path.isdir(directory) and os.listdir(directory):
-    return training.load_variables(workdir, last, config, best=True)
+    return load_stage_variables(config, workdir, last, 'finetune', best=True)
   return result.variables
 
 
@@ -252,6 +295,7 @@ def export_run(config: ml_collections.ConfigDict, workdir: str, result: methods.
   loaded export and the masked fake-quantized model. Saved in export.json and reused.
   """
   from picpq_jax import export  # pylint: disable=g-import-not-at-top
+  fingerprints.enter(workdir, config, 'export')
   report_path = os.path.join(workdir, EXPORT_REPORT)
   if tuned is None:
     return None
@@ -287,6 +331,7 @@ def finetune_policy(config: ml_collections.ConfigDict, workdir: str) -> dict:
   policy_lib.read_policy(path, config.model.arch)  # one sentence for a policy of another architecture
   if not os.path.exists(os.path.join(workdir, BASELINE + '.json')):
     raise FileNotFoundError(f'{workdir} has a policy but no baseline; it is not a complete run directory.')
+  fingerprints.prepare(workdir, config, last='export')
   result = run_method(config, workdir)
   tuned = finetune(config, workdir, build_topology(config), result)
   return {'finetune': tuned, 'export': export_run(config, workdir, result, tuned)}

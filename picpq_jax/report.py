@@ -130,10 +130,18 @@ def markdown(summary: Mapping[str, Any]) -> str:
       lines += ['', f'The loaded export\'s logits differ from the masked, fake-quantized model\'s by at most '
                     f'{e["max_logit_difference"]:.2e} on {e["checked_images"]} test images.']
   m = s.get('method_summary') or {}
-  if m.get('evaluations') is not None:
+  if m.get('strategy') == 'identity':
+    lines += ['', 'Ranking: the identity (a = 1, b = 0): the filter property itself, ranked globally; no search.']
+  elif m.get('ranking_from'):
+    lines += ['', f'Ranking: (a, b) of the search in {m["ranking_from"]} (best validation loss '
+                  f'{m["best_loss"]:.4f}), reused for this target.']
+  elif m.get('evaluations') is not None and m.get('best_loss') is not None:
     lines += ['', f'Search: {m["evaluations"]} candidates, {m.get("distinct_plans")} distinct pruning plans; '
                   f'{m.get("evaluations_saved") or 0} evaluations saved by reusing the loss of an identical plan. '
                   f'Best validation loss {m["best_loss"]:.4f}.']
+  if m.get('target_bops_ratio') is not None and m.get('bops_ratio') is not None:  # a method with a BOPs target
+    lines += ['', f'BOPs target: {m["target_bops_ratio"]:.4g}x fewer than dense FP32 asked, '
+                  f'{m["bops_ratio"]:.2f}x reached ({100 * (m["bops_ratio"] / m["target_bops_ratio"] - 1):+.1f} %).']
   if s.get('provenance'):
     lines += ['', 'Where each choice comes from ([paper], [code]: the authors\'; [ours]: this toolkit\'s):', '']
     lines += [f'- {p}' for p in s['provenance']]
@@ -176,6 +184,84 @@ def plot_tradeoff(runs_dir: str, path: Optional[str] = None) -> list[dict]:
   _save(fig, path or os.path.join(runs_dir, 'tradeoff.png'))
   return points
 
+
+
+def _setting_text(setting: Mapping[str, Any]) -> str:
+  return ', '.join(f'{k.split(".")[-1]}={v}' for k, v in setting.items()) or 'defaults'
+
+
+def _accuracy_text(stats: Optional[Mapping[str, Any]]) -> str:
+  if not stats:
+    return '-'
+  if stats['n'] > 1:
+    return f'{100 * stats["mean"]:.2f} ± {100 * stats["std"]:.2f} (n={stats["n"]})'
+  return f'{100 * stats["mean"]:.2f}'
+
+
+def comparison_markdown(comparison: Mapping[str, Any]) -> str:
+  """comparison.md: one row per (method, setting) with the ledger's ratios, accuracies and wall time, then the
+  baseline, the shared search, failures and each method's provenance."""
+  c = comparison
+  b = c['baseline']
+  ft = c['finetune_epochs']
+  lines = [
+      f'# Comparison: {c["arch"]} on {c["dataset"]} ({c["date"]}, {c["machine"]})', '',
+      f'Dense baseline: test {100 * b["test_accuracy"]:.2f} %, validation {100 * b["validation_accuracy"]:.2f} %. '
+      f'Fine-tuning of every policy: {ft["fp_epochs"]} + {ft["act_epochs"]} + {ft["weight_act_epochs"]} epochs '
+      f'(full precision, activations quantized, both), best validation epoch kept; {c["seeds"]} seed(s). '
+      'Ratios are dense FP32 over compressed; test accuracy in %, drop in points.', '',
+      '| method | setting | BOPs ratio | sparse-BOPs ratio | weight-bits ratio | test acc | drop | val acc | '
+      'wall time (min) |', '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in c['rows']:
+    if r['status'] != 'done':
+      lines.append(f'| {r["label"]} | {_setting_text(r["setting"])} | failed: {r["error"]} | | | | | | |')
+      continue
+    drop = '-' if r['accuracy_drop'] is None else f'{100 * r["accuracy_drop"]:.2f}'
+    lines.append(
+        f'| {r["label"]} | {_setting_text(r["setting"])} | {r["bops_compression"]:.1f}x | '
+        f'{r["sparse_bops_compression"]:.1f}x | {r["weight_bits_compression"]:.1f}x | '
+        f'{_accuracy_text(r["test_accuracy"])} | {drop} | {_accuracy_text(r["validation_accuracy"])} | '
+        f'{r["wall_time_s"] / 60:.1f} |')
+  s = c.get('search')
+  if s:
+    lines += ['', f'PIC-PQ\'s search ran once ({s.get("evaluations")} evaluations, '
+                  f'{(s.get("wall_time_s") or 0) / 60:.1f} min, not in the rows\' wall time); every searched '
+                  f'PIC-PQ row reuses its (a, b) = a={_short(s.get("a"))}, b={_short(s.get("b"))}.']
+  lines += ['', 'Where each method\'s choices come from ([paper], [code]: the authors\'; [ours]: this toolkit\'s):']
+  for name, provenance in c.get('provenance', {}).items():
+    lines += ['', f'{name}:'] + [f'- {p}' for p in provenance]
+  return '\n'.join(lines) + '\n'
+
+
+def _short(values) -> str:
+  return '[' + ', '.join(f'{v:.2f}' for v in values) + ']' if values else '-'
+
+
+def plot_pareto(comparison: Mapping[str, Any], path: str) -> None:
+  """Test accuracy against BOPs compression (log axis), one line per row of the comparison; rows whose
+  weights are sparse also at their sparse-BOPs ratio (hollow markers, dotted); seeds as error bars."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  rows = [r for r in comparison['rows'] if r['status'] == 'done' and r['test_accuracy']]
+  for i, label in enumerate(dict.fromkeys(r['label'] for r in rows)):
+    mine = sorted((r for r in rows if r['label'] == label), key=lambda r: r['bops_compression'])
+    y = [100 * r['test_accuracy']['mean'] for r in mine]
+    err = [100 * r['test_accuracy']['std'] for r in mine]
+    ax.errorbar([r['bops_compression'] for r in mine], y, yerr=err, color=f'C{i}', marker='o', label=label,
+                capsize=3)
+    sparse = [r['sparse_bops_compression'] for r in mine]
+    if any(s > 1.001 * r['bops_compression'] for s, r in zip(sparse, mine)):
+      ax.plot(sparse, y, color=f'C{i}', marker='o', markerfacecolor='none', linestyle=':',
+              label=f'{label} (sparse BOPs)')
+  ax.axhline(100 * comparison['baseline']['test_accuracy'], color='0.5', linestyle='--', linewidth=1,
+             label='dense baseline')
+  ax.set_xscale('log')
+  ax.set_xlabel('BOPs compression against dense FP32 (x, log)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(f'{comparison["arch"]} on {comparison["dataset"]}: accuracy against BOPs')
+  ax.legend(fontsize=7)
+  _save(fig, path)
 
 if __name__ == '__main__':
   # python -m picpq_jax.report RUNS_DIR: the accuracy-compression plot of every run under RUNS_DIR.

@@ -43,6 +43,9 @@ class TrainState:
 # Optimizer and schedules
 # ----------------------------------------------------------------------------------------------------------
 
+SCHEDULES = ('cosine', 'step', 'constant')
+
+
 def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
   """cfg.schedule: 'cosine' (to 0 over all epochs), 'step' (x cfg.step_factor at cfg.step_fractions of the
   epochs; the original's 0.2 at 30/60/80 %) or 'constant'."""
@@ -334,6 +337,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
                                    train=False)['image']
     batch_stats_step = jax.jit(make_batch_stats_step(model))
   writer = MetricWriter(workdir, name=stage)
+  writer.keep_rows(lambda row: row.get('epoch', 0) <= start_epoch)  # an epoch redone replaces its row
   t_start = time.time()
   for epoch in range(start_epoch, train_cfg.epochs):
     t0, seen = time.time(), 0
@@ -348,7 +352,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
     train_m = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
     if not math.isfinite(train_m['loss']):
       raise FloatingPointError(f'{stage}: the training loss became {train_m["loss"]} in epoch {epoch + 1}; '
-                               f'lower train.learning_rate (now {train_cfg.learning_rate}).')
+                               f'lower {section}.learning_rate (now {train_cfg.learning_rate}).')
     elapsed = time.time() - t0
     if bn_batches:
       state = state.replace(batch_stats=precise_batch_stats(
@@ -382,6 +386,7 @@ def load_variables(workdir: str, stage: str, config, best: bool = False) -> dict
   mngr = checkpoints.manager(directory)
   if checkpoints.latest_step(mngr) is None:
     raise FileNotFoundError(f'no {stage} checkpoint in {directory}; run that stage first.')
-  state, _ = checkpoints.restore(mngr, None, expect={'arch': config.model.arch})
+  # The latest step exactly: a finished stage's result is its last checkpoint, never an earlier one.
+  state, _ = checkpoints.restore(mngr, None, step=checkpoints.latest_step(mngr), expect={'arch': config.model.arch})
   # Host numpy, not the saved (replicated) sharding: callers place the arrays where their computation runs.
   return jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})

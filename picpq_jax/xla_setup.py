@@ -1,28 +1,63 @@
 """XLA settings for the CPU backend, applied before JAX starts (entry points and tests import this first).
 
-Measured on the 2-core development machine with jaxlib 0.10.2 (bench/bench_train_step.py): by default XLA
-sends convolutions to YNNPACK, whose conv weight gradients are slow there; keeping YNNPACK for element-wise
-fusions only makes a ResNet-20 train step about 2x faster. `--xla_cpu_use_onednn=true` with the oneDNN
-fusion types gave WRONG gradients: never enable it. The settings are xla_cpu_* flags, which accelerator
-backends ignore; a user's own XLA_FLAGS always win.
+By default XLA (jaxlib 0.10.2) sends convolutions to YNNPACK, whose conv weight gradients are slow on the
+machines measured; keeping YNNPACK for element-wise fusions only (FAST_CPU_FLAGS) makes a ResNet train step
+faster there, so the setting depends on what the CPU is (`cpu_isa`, from /proc/cpuinfo's flags):
+
+  AVX-512  FAST_CPU_FLAGS: 1.3x the default's ResNet-56 train step (a 2-core Intel Xeon, issue #15).
+  AVX2     FAST_CPU_FLAGS: about 2x on ResNet-20/56 (2-core AMD EPYC, bench/bench_train_step.py).
+  other    XLA's default: not measured (an x86 CPU without AVX2, or another architecture). Emulating AVX
+           with --xla_cpu_max_isa=AVX on the AMD machine does not tell: that flag limits only the code XLA
+           generates, while the convolutions (Eigen, YNNPACK) pick their kernels from the CPU itself.
+
+`--xla_cpu_use_onednn=true` with the oneDNN fusion types gave WRONG gradients: never enable it. The
+settings are xla_cpu_* flags, which accelerator backends ignore; a user's own XLA_FLAGS always win.
 """
 from __future__ import annotations
 
 import os
 
 FAST_CPU_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise'
+# The CPU kinds, widest vector instructions first (cpu_isa), and the XLA flags measured best on each.
+FLAGS_BY_ISA = {'AVX512': FAST_CPU_FLAGS, 'AVX2': FAST_CPU_FLAGS, 'other': ''}
+
+
+def cpu_isa(cpuinfo: str | None = None) -> str:
+  """'AVX512' (avx512f), 'AVX2' (avx2 and fma) or 'other', from the text of /proc/cpuinfo (read when None;
+  'other' where it cannot be read, e.g. not Linux)."""
+  if cpuinfo is None:
+    try:
+      with open('/proc/cpuinfo') as f:
+        cpuinfo = f.read()
+    except OSError:
+      return 'other'
+  flags = set()
+  for line in cpuinfo.splitlines():
+    if line.startswith('flags'):  # the same on every core; x86 only (ARM lists 'Features')
+      flags = set(line.split(':', 1)[1].split())
+      break
+  if 'avx512f' in flags:
+    return 'AVX512'
+  if {'avx2', 'fma'} <= flags:
+    return 'AVX2'
+  return 'other'
+
+
+def cpu_flags(isa: str | None = None) -> str:
+  """The XLA flags picked for a CPU kind (this machine's when None)."""
+  return FLAGS_BY_ISA[isa or cpu_isa()]
 
 
 def configure_cpu(device_count: int | None = None) -> str:
-  """Set XLA_FLAGS to the fast CPU settings unless the user set XLA_FLAGS; returns the flags in effect.
+  """Set XLA_FLAGS to this CPU's settings unless the user set XLA_FLAGS; returns the flags in effect.
 
   device_count: fake this many CPU devices (tests and scaling checks of the sharded code).
   Must run before the first JAX computation; later calls change nothing that JAX has already read.
   """
   if 'XLA_FLAGS' in os.environ:
     return os.environ['XLA_FLAGS']
-  flags = FAST_CPU_FLAGS
+  flags = cpu_flags()
   if device_count:
     flags += f' --xla_force_host_platform_device_count={device_count}'
-  os.environ['XLA_FLAGS'] = flags
-  return flags
+  os.environ['XLA_FLAGS'] = flags.strip()
+  return os.environ['XLA_FLAGS']

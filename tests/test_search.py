@@ -174,10 +174,16 @@ def test_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
   out = subprocess.run(search_command(full), cwd=ROOT, env=search_env(), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'BOPs' in out.stdout and 'compression' in out.stdout
+  # The finished run run again writes nothing (every stage is reused: same files, same modification times).
+  listing = lambda d: sorted((str(p.relative_to(d)), p.stat().st_mtime_ns) for p in d.rglob('*'))  # noqa: E731
+  before = listing(full)
+  out = subprocess.run(search_command(full), cwd=ROOT, env=search_env(), capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert listing(full) == before
   # Same baseline and filter properties (deterministic, copied to save time); the search is killed mid-way.
   killed = tmp_path / 'killed'
   killed.mkdir()
-  for name in ('baseline', 'baseline.json', 'filter_properties.npz'):
+  for name in ('baseline', 'baseline.json', 'filter_properties.npz', 'fingerprints.json'):
     src = full / name
     (shutil.copytree if src.is_dir() else shutil.copy)(src, killed / name)
   proc = subprocess.Popen(search_command(killed), cwd=ROOT, env=search_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,4 +1,5 @@
 """Training: data-parallel steps equal single-device steps; fit resumes exactly; bad input stops clearly."""
+import json
 import os
 import subprocess
 import sys
@@ -145,6 +146,18 @@ def test_fit_resumes_exactly_where_it_stopped(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   rows = [l for l in open(tmp_path / 'b' / 'baseline.jsonl')]
   assert len(rows) == 2  # epoch 1 from the first run, epoch 2 from the resumed one: nothing repeated
+
+  # The latest step of the finished run truncated: the fit resumes from the intact step before it (epoch 1),
+  # trains epoch 2 again and ends where the uninterrupted run did, its metrics row replaced, not repeated.
+  latest = tmp_path / 'a' / 'baseline' / str(int(full['state'].step))
+  files = [os.path.join(r, f) for r, _, fs in os.walk(latest) for f in fs]
+  data_file = max(files, key=os.path.getsize)
+  with open(data_file, 'r+b') as f:
+    f.truncate(os.path.getsize(data_file) // 2)
+  again = training.fit(config, str(tmp_path / 'a'), model)
+  for a, b in zip(jax.tree.leaves(full['state'].params), jax.tree.leaves(again['state'].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [json.loads(l)['epoch'] for l in open(tmp_path / 'a' / 'baseline.jsonl')] == [1, 2]
 
   config.model.arch = 'resnet56'
   with pytest.raises(checkpoints.CheckpointMismatchError, match='resnet20'):

@@ -26,6 +26,7 @@ REGISTRY = {
     'uniform': 'uniform',
     'codeq': 'codeq',
     'opq': 'opq',
+    'djpq': 'djpq',
 }
 
 

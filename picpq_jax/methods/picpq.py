@@ -7,8 +7,10 @@ then policy.json. The fine-tuning that follows is the shared one (pipeline.py).
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
+from typing import Callable, Optional
 
 import jax
 import ml_collections
@@ -28,8 +30,12 @@ PROVENANCE = (
     '[ours] failed (NaN) candidates lose tournaments; >= 1 mutated layer; std 1.0 for constant filter '
     'properties; min_bits 2; repeated pruning plans reuse their loss (search.cache_plans); K children per '
     'round (search.num_children); precise BatchNorm and optional distillation in fine-tuning',
+    '[ours, as LeGR does] one searched (a, b) reused for other targets (search.ranking=\'reuse\'); a BOPs '
+    'target met by scanning keep fractions (search.bops_ratio); the identity ranking (a = 1, b = 0) as the '
+    'no-search row of the comparison',
 )
 
+RANKINGS = ('search', 'identity', 'reuse')
 FILTER_PROPERTIES = 'filter_properties.npz'
 SEARCH = 'search'
 SEARCH_RESULT = 'search.json'
@@ -39,7 +45,7 @@ def run(context: Context) -> Result:
   """Filter properties, the search, then the policy of the best candidate."""
   c, workdir = context.config, context.workdir
   fp = compute_filter_properties(c, workdir, context.model, context.topology, context.baseline)
-  found = run_search(c, workdir, context.model, context.topology, context.baseline, fp)
+  found = find_ranking(c, workdir, context.model, context.topology, context.baseline, fp)
   policy = derive_policy(c, workdir, context.topology, context.baseline, fp, found)
   return Result(policy=policy, model=context.model, variables=None, summary=found)
 
@@ -55,6 +61,22 @@ def check_config(config: ml_collections.ConfigDict, topo) -> None:
     raise ValueError(f'search.tau={s.tau!r} must be a non-negative integer: it counts the SGD steps that fine-tune '
                      f'each pruned candidate of {model} before its fitness is measured (0 skips them; the '
                      'original uses 200).')
+  for key, low, meaning in (('population', 2, 'candidates alive at a time, e.g. 64'),
+                            ('tournament', 1, 'candidates drawn per tournament, e.g. 16'),
+                            ('calibration_batches', 1, 'training batches the feature-map rank reads, e.g. 6'),
+                            ('chunk_size', 1, 'candidates evaluated at once on each device, e.g. 1'),
+                            ('check_every', 1, 'ranked filters between cost checks: 1, or 10 as the original')):
+    if not _is_int(s[key]) or s[key] < low:
+      raise ValueError(f'search.{key}={s[key]!r} must be an integer >= {low}: the {meaning}.')
+  if not _is_number(s.safeguard) or not 0 <= s.safeguard < 1:
+    raise ValueError(f'search.safeguard={s.safeguard!r} must lie in [0, 1): the fraction of each layer\'s channels '
+                     'pruning must keep, e.g. 0.1.')
+  if not _is_int(s.min_bits) or not bits_lib.MIN_BITS <= s.min_bits <= bits_lib.MAX_BITS:
+    raise ValueError(f'search.min_bits={s.min_bits!r} must be an integer in {bits_lib.MIN_BITS}..'
+                     f'{bits_lib.MAX_BITS}: the fewest bits a pruned layer gets, e.g. 2.')
+  if not _is_number(s.bit_penalty) or not np.isfinite(s.bit_penalty) or s.bit_penalty < 0:
+    raise ValueError(f'search.bit_penalty={s.bit_penalty!r} must be a finite number >= 0: lambda of bits = B_max - '
+                     'ceil(lambda / s), e.g. 1/6 (0 keeps every layer at its B_max).')
   topology.check_b_max(s.b_max, topo)
   if s.criterion not in criteria.PROPERTIES:
     raise ValueError(f'search.criterion={s.criterion!r} is not a filter property; choose one of '
@@ -72,9 +94,28 @@ def check_config(config: ml_collections.ConfigDict, topo) -> None:
   zeros = [np.zeros(l.out_channels, np.float32) for l in topo.layers]
   pruning.global_prune(topo, zeros, np.ones(topo.num_layers), np.zeros(topo.num_layers), s.keep_fraction,
                        s.safeguard, s.check_every)
+  if s.ranking not in RANKINGS:
+    raise ValueError(f'search.ranking={s.ranking!r} is not a source of (a, b); choose one of {list(RANKINGS)}.')
+  if s.ranking == 'reuse' and not s.ranking_workdir:
+    raise ValueError("search.ranking='reuse' needs search.ranking_workdir: the run directory whose search.json "
+                     '(found on the same baseline) to reuse.')
+  if isinstance(s.bops_ratio, bool) or not np.isfinite(s.bops_ratio) or (s.bops_ratio != 0 and s.bops_ratio <= 1):
+    raise ValueError(f'search.bops_ratio={s.bops_ratio!r} must be 0 (off: the FLOPs target keep_fraction) or a '
+                     'finite ratio > 1 of dense FP32 BOPs to the policy\'s, e.g. 50.')
+  if not 0 < s.bops_step < 1:
+    raise ValueError(f'search.bops_step={s.bops_step!r} must lie in (0, 1): the spacing of the keep fractions '
+                     'scanned for search.bops_ratio, e.g. 0.01.')
   if s.val_batch_size > config.data.val_size:
     raise ValueError(f'search.val_batch_size={s.val_batch_size} exceeds data.val_size={config.data.val_size}; '
                      'the fitness needs at least one full validation batch.')
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 def compute_filter_properties(config, workdir: str, model, topo, variables) -> dict:
@@ -108,6 +149,42 @@ def search_batches(config, info) -> tuple[dict, dict]:
   num_val = config.data.val_size // s.val_batch_size
   val = data.fixed_batches(config.data, 'validation', s.val_batch_size, num_val, seed=config.seed, train=False)
   return train, val
+
+
+def find_ranking(config, workdir: str, model, topo, variables, fp) -> dict:
+  """(a, b) and how they were found, as search.json holds them: searched here, the identity, or reused."""
+  ranking = config.search.ranking
+  if ranking == 'search':
+    return run_search(config, workdir, model, topo, variables, fp)
+  path = os.path.join(workdir, SEARCH_RESULT)
+  if os.path.exists(path):
+    return checkpoints.read_json(path)
+  if ranking == 'identity':
+    found = identity_ranking(config.model.arch, topo.num_layers)
+  else:
+    found = reused_ranking(config.search.ranking_workdir, config.model.arch, topo.num_layers)
+  checkpoints.write_json(path, found)
+  return found
+
+
+def identity_ranking(arch: str, num_layers: int) -> dict:
+  """a = 1, b = 0 in every layer: the filter property itself, ranked globally (no search)."""
+  return {'arch': arch, 'strategy': 'identity', 'evaluations': 0, 'best_loss': None,
+          'a': [1.0] * num_layers, 'b': [0.0] * num_layers, 'wall_time_s': 0.0}
+
+
+def reused_ranking(source_workdir: str, arch: str, num_layers: int) -> dict:
+  """The best (a, b) of the search finished in source_workdir (search.ranking='reuse')."""
+  path = os.path.join(source_workdir, SEARCH_RESULT)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'search.ranking_workdir={source_workdir!r} holds no {SEARCH_RESULT}; run the search '
+                            'there first (search.ranking=\'search\'), or point it at a finished PIC-PQ run.')
+  found = checkpoints.read_json(path)
+  if found.get('arch') != arch or len(found.get('a', ())) != num_layers:
+    raise ValueError(f'search.ranking_workdir={source_workdir!r} holds the search of a {found.get("arch")} '
+                     f'with {len(found.get("a", ()))} prunable layers, not of model.arch={arch!r} '
+                     f'({num_layers}); point it at a search of this model on this baseline.')
+  return {**found, 'ranking_from': os.path.abspath(source_workdir), 'wall_time_s': 0.0}
 
 
 def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
@@ -150,6 +227,9 @@ def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
   # Which evaluations repeated an earlier plan: with search.cache_plans these took the stored loss.
   repeated = fitness.repeated_plans(fitness.plan_keys(topo, hist_masks))
   loss = np.asarray(result.history_fitness)
+  failure = search_failure(loss, float(result.best_fitness), s)
+  if failure:
+    raise FloatingPointError(failure)
   checkpoints.write_npz(os.path.join(workdir, 'search_history.npz'), {
       'a': a_hist, 'b': b_hist, 'loss': loss, 'flops': hist_info['flops'], 'reached': hist_info['reached'],
       'repeated_plan': repeated})
@@ -166,6 +246,19 @@ def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
   return summary
 
 
+def search_failure(loss: np.ndarray, best_loss: float, s) -> Optional[str]:
+  """One sentence when the search found nothing usable (its best loss is not finite, or more than half of its
+  candidates failed, i.e. their loss is NaN or infinite), naming the setting that most likely caused it; None
+  when it is usable. s: config.search."""
+  failed = int(np.sum(~np.isfinite(loss)))
+  if np.isfinite(best_loss) and 2 * failed <= len(loss):
+    return None
+  likely = (f'lower search.learning_rate (now {s.learning_rate})' if s.tau > 0 else
+            'check the baseline (search.tau=0: the candidates were not trained, so the baseline itself fails)')
+  return (f'the search found no usable candidate ({failed} of {len(loss)} failed with a NaN or infinite loss, the '
+          f'best loss is {best_loss:.4g}); {likely}, and add --config.recompute=search to search again.')
+
+
 def derive_policy(config, workdir: str, topo, variables, fp, found: dict) -> policy_lib.Policy:
   """Stages 4-5: masks of the best (a, b) by global ranking, then bits from the surviving magnitude.
 
@@ -175,14 +268,56 @@ def derive_policy(config, workdir: str, topo, variables, fp, found: dict) -> pol
   if os.path.exists(path):
     return policy_lib.read_policy(path, config.model.arch)
   s = config.search
-  masks, _ = pruning.global_prune(topo, fp, np.asarray(found['a']), np.asarray(found['b']),
-                                  s.keep_fraction, s.safeguard, s.check_every)
-  masks = {k: np.asarray(v) for k, v in masks.items()}
-  bits = bits_lib.assign_bits(topo, variables['params'], masks, None, s.bit_penalty, s.min_bits)
-  policy = policy_lib.from_masks_and_bits(config.model.arch, config.data.name, NAME, masks, bits,
-                                          settings={'keep_fraction': s.keep_fraction})
-  policy = policy_lib.replace_summary(policy, cost.ledger(topo, policy))
+  policy_at = functools.partial(policy_at_keep_fraction, config, topo, variables['params'], fp,
+                                np.asarray(found['a']), np.asarray(found['b']))
+  if s.bops_ratio:
+    policy = keep_fraction_for_bops(policy_at, s.bops_ratio, s.bops_step)
+  else:
+    policy = policy_at(s.keep_fraction)
   policy_lib.write_policy(workdir, policy)
   return policy
+
+
+def policy_at_keep_fraction(config, topo, baseline_params, fp, a, b, keep_fraction: float) -> policy_lib.Policy:
+  """The deterministic prune-and-assign: masks of (a, b) by global ranking to keep_fraction of the dense
+  FLOPs, bits from the surviving magnitude, the ledger in its summary. ValueError when out of reach."""
+  s = config.search
+  masks, _ = pruning.global_prune(topo, fp, a, b, keep_fraction, s.safeguard, s.check_every)
+  masks = {k: np.asarray(v) for k, v in masks.items()}
+  bits = bits_lib.assign_bits(topo, baseline_params, masks, None, s.bit_penalty, s.min_bits)
+  settings = {'keep_fraction': keep_fraction, 'ranking': s.ranking}
+  if s.bops_ratio:
+    settings['bops_ratio_target'] = s.bops_ratio
+  policy = policy_lib.from_masks_and_bits(config.model.arch, config.data.name, NAME, masks, bits,
+                                          settings=settings)
+  return policy_lib.replace_summary(policy, cost.ledger(topo, policy))
+
+
+def keep_fraction_grid(step: float) -> list[float]:
+  """1, 1 - step, 1 - 2 step, ... while > 0 (rounded to 1e-9, so 0.01 steps print as 0.57, not 0.5700001)."""
+  return [round(1.0 - i * step, 9) for i in range(int(np.ceil(1.0 / step - 1e-9)))]
+
+
+def keep_fraction_for_bops(policy_at: Callable[[float], policy_lib.Policy], bops_ratio: float,
+                           step: float) -> policy_lib.Policy:
+  """The policy of the largest keep fraction on the grid whose BOPs compression reaches bops_ratio.
+
+  A scan from the top rather than a bisection: the bits follow the survivors' magnitude, so the ratio need not
+  grow monotonically as the keep fraction falls, and the first fraction that reaches the target is the answer
+  by construction (the one a grid step above it does not).
+  """
+  best = 0.0
+  for keep in keep_fraction_grid(step):
+    try:
+      policy = policy_at(keep)
+    except ValueError:  # below what the safeguard allows: nothing smaller is reachable either
+      break
+    ratio = policy.summary['bops_compression']
+    if ratio >= bops_ratio:
+      return policy
+    best = max(best, ratio)
+  raise ValueError(f'search.bops_ratio={bops_ratio} is out of reach: the most any keep fraction on the '
+                   f'{step} grid gives is {best:.2f}x fewer BOPs; lower search.bops_ratio, or lower '
+                   'search.safeguard / search.min_bits.')
 
 

@@ -12,14 +12,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from picpq_jax import quant
+from picpq_jax import dq, quant
 from picpq_jax.models.spec import ConvSpec
 
 # 'picpq': quant.weight_codes at the `bits` argument's weight bits, integer codes convolved, scaled once;
 # 'codeq': quant.deadzone_quant on every call (bits or none), its float fake-quantized kernel convolved.
 # 'opq': quant.opq_quant (OPQ-style unified channel-wise grid, frozen step and channel scales `opq_grid`) at
 # the `bits` argument's weight bits, its float fake-quantized kernel convolved; no bits: the float kernel.
-QUANTIZERS = ('picpq', 'codeq', 'opq')
+# 'djpq': dq.quantize (DJPQ's learned-step quantizer, methods/djpq.py) on the kernel and the input of a unit
+# given `dq_settings`, at the bits its own step and range give; the `bits` argument is not read.
+QUANTIZERS = ('picpq', 'codeq', 'opq', 'djpq')
 
 BN_MOMENTUM = 0.9  # Flax convention: running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 BN_EPSILON = 1e-5
@@ -44,6 +46,25 @@ def deadzone_kernel(module: nn.Module, kernel: jax.Array, max_bits: int, fixed_b
   logit_dz = module.param('logit_dz', logit_init, ())
   logit_bit = module.param('logit_bit', logit_init, ())
   return quant.deadzone_quant(kernel, logit_dz, logit_bit, max_bits=max_bits, fixed_bits=fixed_bits)
+
+
+# A DJPQ unit's own parameters (scalars): the DQ step and range of its kernel and of its input.
+DQ_LEAVES = ('w_step', 'w_range', 'a_step', 'a_range')
+
+
+def dq_unit(module: nn.Module, kernel: jax.Array, x: jax.Array, settings: dq.Settings,
+            signed_input: bool) -> tuple[jax.Array, jax.Array]:
+  """Declare `module`'s DQ parameters (DQ_LEAVES, initialised for settings.init_bits from the kernel and
+  dq.init_act_grid) and return (fake-quantized kernel, fake-quantized input), each on its dq.grid."""
+  w_init = dq.init_weight_grid(kernel, settings.init_bits)
+  a_init = dq.init_act_grid(settings.init_bits)
+  w_step = module.param('w_step', lambda _: w_init[0])
+  w_range = module.param('w_range', lambda _: w_init[1])
+  a_step = module.param('a_step', lambda _: a_init[0])
+  a_range = module.param('a_range', lambda _: a_init[1])
+  w = dq.grid(w_step, w_range, signed=True, restrict=settings.restrict)
+  a = dq.grid(a_step, a_range, signed=signed_input, restrict=settings.restrict)
+  return dq.quantize(kernel, w.step, w.qmax, signed=True), dq.quantize(x, a.step, a.qmax, signed=signed_input)
 
 
 class MaskedQConv(nn.Module):
@@ -71,12 +92,18 @@ class MaskedQConv(nn.Module):
   quantizer='opq' (OPQ-style, methods/opq.py): `opq_grid` = (step, (s_c per output channel)), frozen; with
   `bits` the kernel goes through quant.opq_quant at the weight bits and the input through PIC-PQ's activation
   quantizer at the activation bits (as CoDeQ's units); without, the float kernel is used.
+
+  quantizer='djpq' (methods/djpq.py): with `dq_settings`, params DQ_LEAVES and the kernel and the input go
+  through DQ (`dq_unit`) on every call; `dq_settings` None: a full-precision unit (the stem, PIC-PQ's
+  convention). The `bits` argument is not read. DJPQ's channel gate arrives as `mask`: (B, 1, 1, C) in
+  training (one value per example and channel), (C,) at test; it multiplies where a mask does.
   """
   spec: ConvSpec
   quantizer: str = 'picpq'
   max_bits: int = 8
   fixed_bits: Optional[int] = None
   opq_grid: Optional[tuple] = None  # 'opq' only: (step, tuple of per-output-channel scales)
+  dq_settings: Optional[dq.Settings] = None  # 'djpq' only: the DQ settings of a quantized unit
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: Optional[jax.Array] = None, bits: Any = None,
@@ -90,6 +117,10 @@ class MaskedQConv(nn.Module):
       kernel = deadzone_kernel(self, kernel, self.max_bits, self.fixed_bits)
       if bits is not None:
         x = quant.act_quant(x, bits[1], signed=s.signed_input or s.source is None)
+    elif self.quantizer == 'djpq':
+      if self.dq_settings is not None:
+        kernel, x = dq_unit(self, kernel, x, self.dq_settings,
+                            signed_input=s.signed_input or s.source is None)
     elif self.quantizer == 'opq':
       if bits is not None:
         if self.opq_grid is None:

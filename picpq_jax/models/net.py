@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from picpq_jax import dq, gates
 from picpq_jax.models.layers import BN_EPSILON, BN_MOMENTUM, MaskedQConv, QDense, check_quantizer
 from picpq_jax.models.spec import ArchSpec
 
@@ -47,6 +48,12 @@ class Net(nn.Module):
   quantizer 'opq' (OPQ-style, methods/opq.py): `opq_grids` = ((layer name, step, (s_c, ...)), ...), frozen;
   each conv named there quantizes its kernel with quant.opq_quant at the weight bits given, every other conv
   is PIC-PQ's unit (left at 32 bits by the policy); the head is a plain Dense.
+
+  quantizer 'djpq' (methods/djpq.py): every conv named in `dq_layers` quantizes its kernel and input with DQ
+  (`dq_settings`; layers.dq_unit), the others are full precision; the head is a plain Dense. One VIB gate per
+  chain and per free conv (gates.groups, params 'gate_<chain or layer>'), multiplied where a mask is:
+  noisy in training (apply(..., train=True, rngs={'gate': key})), mu or exactly 0 at test (threshold
+  `gate_threshold` on log alpha). `masks`, when given, multiply the gates; `bits` is not read.
   """
   spec: ArchSpec
   quantizer: str = 'picpq'
@@ -54,6 +61,9 @@ class Net(nn.Module):
   fixed_bits: Optional[int] = None
   end_bits: int = 0
   opq_grids: tuple = ()  # 'opq' only: ((layer name, step, tuple of per-channel scales), ...)
+  dq_layers: tuple = ()  # 'djpq' only: names of the convs DQ quantizes
+  dq_settings: Optional[dq.Settings] = None  # 'djpq' only
+  gate_threshold: float = 0.0  # 'djpq' only: a channel is pruned where log alpha >= this
 
   def unit_settings(self, end: bool) -> tuple[str, Optional[int]]:
     """(quantizer, fixed_bits) of a conv or dense layer; `end`: a stem conv or a head layer."""
@@ -88,8 +98,15 @@ class Net(nn.Module):
     masks, bits, weight_masks = masks or {}, bits or {}, weight_masks or {}
     units = {}
     grids = {name: (step, scales) for name, step, scales in self.opq_grids}
+    if self.quantizer == 'djpq':
+      gated = gates.gate_masks(gates.groups(spec.convs), x.shape[0], train, self.gate_threshold)
+      masks = {name: g if name not in masks else g * jnp.asarray(masks[name], g.dtype) for name, g in gated.items()}
     for c in spec.convs:
       quantizer, fixed = self.unit_settings(c.source is None)
+      if quantizer == 'djpq':
+        units[c.name] = MaskedQConv(c, quantizer='djpq', name=c.name,
+                                    dq_settings=self.dq_settings if c.name in self.dq_layers else None)
+        continue
       if quantizer == 'opq':
         grid = grids.get(c.name)
         units[c.name] = MaskedQConv(c, quantizer='opq' if grid is not None else 'picpq', max_bits=self.max_bits,
