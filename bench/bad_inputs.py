@@ -277,7 +277,8 @@ CASES = [
     ('train.weight_decay=-1', 'train.py', ['--config.train.weight_decay=-1'], 'train.weight_decay', fresh),
     ('train.optimizer=adam', 'train.py', ['--config.train.optimizer=adam'], 'train.optimizer', fresh),
     ('train.schedule=linear', 'train.py', ['--config.train.schedule=linear'], 'train.schedule', fresh),
-    ('finetune.step_factor=0', 'search.py', ['--config.finetune.step_factor=0'], 'finetune.step_factor', fresh),
+    ('finetune.step_factor=0', 'search.py', ['--config.finetune.schedule=step', '--config.finetune.step_factor=0'],
+     'finetune.step_factor', fresh),
     ('train.step_fractions=(1.5,)', 'train.py', ['--config.train.schedule=step',
                                                   '--config.train.step_fractions=(1.5,)'],
      'train.step_fractions', fresh),
@@ -402,8 +403,9 @@ def main():
       drop.append('search')  # another method: the search's tiny settings would be refused as not its own
     more = [m for m in more if not m.startswith('--drop=')]
     tiny = [t for t in TINY if not any(t.startswith(f'--config.{d}.') for d in drop)]
-    own_config = '--config' in extra + more
-    cmd = [*([] if own_config else ['--config', DEMO]), '--workdir', workdir, *tiny, *extra, *more]
+    given = [*extra, *more]
+    config = given[given.index('--config'):][:2] if '--config' in given else ['--config', DEMO]
+    cmd = [*config, '--workdir', workdir, *tiny, *[a for a in given if a not in config]]
     target = cmd[len(cmd) - 1 - cmd[::-1].index('--workdir') + 1]
     before = snapshot(target)
     try:

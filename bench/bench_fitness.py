@@ -24,6 +24,7 @@ with a message. Ratios are per round (ours / the original's, both at --tau), med
 
   TORCH_PYTHON=/tmp/torchvenv/bin/python PICPQ_ORIGINAL=/tmp/PIC-PQ \\
       .venv/bin/python bench/bench_fitness.py                       # ResNet-56, tau 20 -> 200
+  TORCH_THREADS=1 taskset -c 0 ... --cpu-time         # one core each, CPU seconds (steady under load)
   .venv/bin/python bench/bench_fitness.py --modes host sliced --rounds 3
 """
 import argparse
@@ -89,10 +90,13 @@ class Bench:
     return self._candidates.pop()
 
 
+CLOCK = {'tick': time.perf_counter}  # --cpu-time: time.process_time
+
+
 def timed(fn):
-  t0 = time.perf_counter()
+  t0 = CLOCK['tick']()
   fn()
-  return time.perf_counter() - t0
+  return CLOCK['tick']() - t0
 
 
 def line(t_a, t_b, tau_a, tau_b, tau):
@@ -113,7 +117,13 @@ def main():
   parser.add_argument('--keep', type=float, default=0.45)
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--modes', nargs='+', default=['host', 'sliced', 'vmap', 'map'])
+  parser.add_argument('--cpu-time', action='store_true',
+                      help='CPU seconds of each process instead of wall seconds: with everything on one core '
+                      '(taskset -c 0, TORCH_THREADS=1) they are what an idle core would take, load or not')
   args = parser.parse_args()
+  clock = 'cpu' if args.cpu_time else 'wall'
+  if args.cpu_time:
+    CLOCK['tick'] = time.process_time
   from picpq_jax import xla_setup  # pylint: disable=g-import-not-at-top
   flags = xla_setup.configure_cpu()
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -122,7 +132,8 @@ def main():
 
   bench = Bench(args.arch, args.keep, args.batch, args.val_batch)
   n_val = args.val_images // args.val_batch
-  print(f'CPU: {cpu_name()}; load average at start {os.getloadavg()[0]:.1f}; XLA_FLAGS={flags!r}')
+  print(f'CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} core(s) usable; load average at start '
+        f'{os.getloadavg()[0]:.1f}; XLA_FLAGS={flags!r}; {clock} seconds')
   print(f'{args.arch}, keep {args.keep:.0%} of the FLOPs, batch {args.batch}, {n_val * args.val_batch} '
         f'validation images; measured at tau {args.measure_tau} ({args.loop_taus} for {"/".join(LOOP_MODES)}), '
         f'given at tau {args.tau}; {args.rounds} round(s)')
@@ -149,11 +160,13 @@ def main():
   steady = {mode: [] for mode in args.modes}  # per round: {point: seconds}
   original_rows = []
   first_steps = []  # 'sliced': the first step's time over the median (its compile)
+  lines = {mode: [] for mode in args.modes}  # 'host', 'sliced': per round (seconds at tau 0, seconds per step)
   for r in range(args.rounds):
     for mode in args.modes:
       pts, evaluators, _ = plans[mode]
       for p, e in evaluators.items():
         e.step_seconds = [] if mode not in LOOP_MODES else None
+        e.step_clock = CLOCK['tick']
       t = {p: timed(lambda e=e: e(*bench.candidate())) for p, e in evaluators.items()}
       steady[mode].append(t)
       if mode in LOOP_MODES:
@@ -162,16 +175,19 @@ def main():
         at_tau = line(t[pts[0]], t[pts[1]], ta, tb, args.tau) + (n_val - va) * per_val
         note = ''
       else:
-        step = float(np.median(evaluators[pts[0]].step_seconds))
+        times = evaluators[pts[0]].step_seconds
+        step = float(np.median(times[1:] if mode == 'sliced' else times))  # a sliced first step compiles
         if mode == 'sliced':
-          first_steps.append(evaluators[pts[0]].step_seconds[0] - step)
+          first_steps.append(times[0] - step)
         at_tau = t[pts[0]] + (args.tau - args.measure_tau) * step
+        lines[mode].append((t[pts[0]] - args.measure_tau * step, step))
         note = f', median step {step:.2f} s'
       rows[mode].append(at_tau)
       print(f'  round {r + 1} {mode}: ' + ', '.join(f'tau {p[0]}/{p[1]} val batches {v:.1f} s' for p, v in t.items())
             + f'{note} -> {at_tau:.0f} s at tau {args.tau}', flush=True)
     if worker:
-      kw = dict(tau=args.measure_tau, val_images=args.val_images, batch=args.batch, extra_steps=args.extra_steps)
+      kw = dict(tau=args.measure_tau, val_images=args.val_images, batch=args.batch, extra_steps=args.extra_steps,
+                clock=clock)
       if original_dir:
         out = worker.call('original', dir=original_dir, keep_fraction=args.keep, **kw)
       else:
@@ -201,6 +217,11 @@ def main():
     print(f'{mode:<10} {s:12.0f} {s + once:14.0f} {ratio}   (the first call compiles in ~{compile_s:.0f} s)')
   if original_rows:
     print(f'{"original":<10} {np.median(original_rows):12.0f} {"":>14} {1.0:7.2f}   (PyTorch {worker.version})')
+  if lines.get('host') and lines.get('sliced'):
+    (a_h, b_h), (a_s, b_s) = (np.median(np.asarray(lines[m]), axis=0) for m in ('host', 'sliced'))
+    crossover = (a_s - a_h) / (b_h - b_s) if b_h > b_s else float('inf')
+    print(f"'sliced' is faster than 'host' from tau ~{crossover:.0f} on (fitness.SLICED_MIN_TAU: 'auto' picks it "
+          f'from there; a sliced step {b_s / b_h:.2f}x a host step, {a_s - a_h:.0f} s more per candidate besides)')
   print('reproduce: ' + ' '.join(['.venv/bin/python', 'bench/bench_fitness.py'] + sys.argv[1:]))
 
 

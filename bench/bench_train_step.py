@@ -15,6 +15,7 @@ xla_setup.cpu_flags() picks for this CPU. `--isa AVX` (etc.) adds `--xla_cpu_max
 instruction set only, to measure a lower path on a machine that has a higher one.
 
   TORCH_PYTHON=/tmp/torchvenv/bin/python .venv/bin/python bench/bench_train_step.py
+  TORCH_PYTHON=... .venv/bin/python bench/bench_train_step.py --cores 0 --cpu-time --settings fast   # one core
   .venv/bin/python bench/bench_train_step.py --arch resnet20 --rounds 3 --isa native AVX
 """
 import argparse
@@ -85,6 +86,8 @@ def child(args) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch_worker  # pylint: disable=g-import-not-at-top
   variants, widths = jax_variants(args.arch, args.batch, args.keep)
+  tick = time.process_time if args.cpu_time else time.perf_counter
+  clock = 'cpu' if args.cpu_time else 'wall'
   states, compile_s = {}, {}
   for name, (step, state, data, mk) in variants.items():
     t0 = time.perf_counter()
@@ -105,13 +108,13 @@ def child(args) -> None:
     for name, (step, _, data, mk) in variants.items():
       times = []
       for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = tick()
         states[name], m = step(states[name], data, mk)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+        times.append(tick() - t0)
       r[name] = float(np.median(times))
     for name, w in workers.items():
-      r[name] = float(np.median(w.call('steps', n=args.steps)['times']))
+      r[name] = float(np.median(w.call('steps', n=args.steps, clock=clock)['times']))
     rounds.append(r)
   version = None
   for w in workers.values():
@@ -136,6 +139,8 @@ def main():
   parser.add_argument('--isa', nargs='+', default=['native'], help="'native' and/or an xla_cpu_max_isa value")
   parser.add_argument('--cores', default='', help="e.g. '0': run pinned to these cores (taskset), PyTorch with "
                       'as many threads; a loaded machine hurts multi-threaded runs unevenly')
+  parser.add_argument('--cpu-time', action='store_true', help='CPU seconds per step (with --cores 0: one core '
+                      'each, steady under load) instead of wall seconds')
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--torch', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -148,7 +153,8 @@ def main():
   print(f'CPU: {cpu_name()}; load average at start {os.getloadavg()[0]:.1f}; xla_setup picks '
         f'{xla_setup.cpu_flags()!r}')
   print(f'{args.arch}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps per variant (median per '
-        f'round), plan keeping {args.keep:.0%} of the FLOPs' + (f', pinned to cores {args.cores}' if args.cores else ''))
+        f'round), plan keeping {args.keep:.0%} of the FLOPs' + (f', pinned to cores {args.cores}' if args.cores else '')
+        + (', CPU seconds' if args.cpu_time else ', wall seconds'))
   if not have_torch:
     print(torch_worker.skip_message())
   flags = {'default': '', 'fast': xla_setup.FAST_CPU_FLAGS}
@@ -163,7 +169,8 @@ def main():
         pin = ['taskset', '-c', args.cores]
         env['TORCH_THREADS'] = str(len(args.cores.split(',')))
       argv = pin + [sys.executable, __file__, '--child', '--arch', args.arch, '--batch', str(args.batch), '--steps',
-              str(args.steps), '--rounds', str(args.rounds), '--keep', str(args.keep)] + (['--torch'] * with_torch)
+              str(args.steps), '--rounds', str(args.rounds), '--keep', str(args.keep)] + (['--torch'] * with_torch) + (
+                  ['--cpu-time'] * args.cpu_time)
       out = subprocess.run(argv, env=env, capture_output=True, text=True)
       if out.returncode:
         raise RuntimeError(out.stderr[-3000:])

@@ -8,7 +8,8 @@ Commands ({"op": ...}):
   version    -> {"torch", "threads"}.
   setup      {"widths": [stem, l1_0_conv1, l1_0_conv2, ...], "num_classes", "batch", "seed"}: a ResNet
              whose convs have these output widths (the dense one: 16 / 32 / 64), SGD as the fitness's.
-  steps      {"n"}: n train steps on one fixed random batch -> {"times": [seconds per step]}.
+  steps      {"n", "clock"}: n train steps on one fixed random batch -> {"times": [seconds per step]}.
+             clock: 'wall' or 'cpu' (this process's CPU seconds; every command that times takes it).
   candidate  {"widths", "tau", "val_images", "val_batch", "batch", "num_classes", "extra_steps"}: the fitness of one
              candidate as the original computes it, on random data of the right shapes: the pruned model
              (physically smaller: its weights copied from a dense baseline), tau SGD steps (lr 0.01,
@@ -44,6 +45,8 @@ from torch import nn
 import torch.nn.functional as F
 
 CIFAR_STAGE_WIDTHS = (16, 32, 64)
+# 'cpu': this process's CPU seconds, steadier than wall seconds on a loaded machine for a one-thread run.
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
 
 
 class Block(nn.Module):
@@ -146,39 +149,42 @@ class Server:
     self.batch = random_batch(self.rng, batch, num_classes)
     return {'params': sum(p.numel() for p in self.model.parameters())}
 
-  def steps(self, n):
+  def steps(self, n, clock='wall'):
+    tick = CLOCKS[clock]
     times = []
     for _ in range(n):
-      t0 = time.perf_counter()
+      t0 = tick()
       train_step(self.model, self.opt, *self.batch)
-      times.append(time.perf_counter() - t0)
+      times.append(tick() - t0)
     return {'times': times}
 
-  def candidate(self, widths, tau, val_images, val_batch=128, batch=128, num_classes=10, extra_steps=0):
+  def candidate(self, widths, tau, val_images, val_batch=128, batch=128, num_classes=10, extra_steps=0,
+                clock='wall'):
     depth = len(widths) + 1  # the convs and the classifier
     if depth not in self.baselines:
       self.baselines[depth] = CifarResNet(dense_widths(depth), num_classes)
     train = [random_batch(self.rng, batch, num_classes) for _ in range(4)]
     val = [random_batch(self.rng, min(val_batch, val_images - i), num_classes)
            for i in range(0, val_images, val_batch)]
-    t0 = time.perf_counter()
+    tick = CLOCKS[clock]
+    t0 = tick()
     model = sliced_from(copy.deepcopy(self.baselines[depth]), widths).train()
     opt = sgd(model)
     for i in range(tau):
       train_step(model, opt, *train[i % len(train)])
-    t1 = time.perf_counter()
+    t1 = tick()
     loss = validation_loss(model, val)
-    t2 = time.perf_counter()
+    t2 = tick()
     step_times = []
     for i in range(extra_steps):
-      s0 = time.perf_counter()
+      s0 = tick()
       train_step(model, opt, *train[i % len(train)])
-      step_times.append(time.perf_counter() - s0)
+      step_times.append(tick() - s0)
     return {'seconds': t2 - t0, 'train_s': t1 - t0, 'val_s': t2 - t1, 'loss': loss, 'step_times': step_times}
 
   def original(self, dir, keep_fraction=0.45, tau=200, val_images=5000, batch=128, seed=0,  # noqa: A002
-               extra_steps=0):
-    return run_original(dir, keep_fraction, tau, val_images, batch, seed, self.rng, extra_steps)
+               extra_steps=0, clock='wall'):
+    return run_original(dir, keep_fraction, tau, val_images, batch, seed, self.rng, extra_steps, CLOCKS[clock])
 
 
 class Loader:
@@ -226,7 +232,7 @@ def _missing_modules_stand_in():
       sys.modules[name] = module
 
 
-def run_original(root, keep_fraction, tau, val_images, batch, seed, rng, extra_steps=0):
+def run_original(root, keep_fraction, tau, val_images, batch, seed, rng, extra_steps=0, tick=time.perf_counter):
   """One candidate of the original's learn_ranking_ea (resnet_ch_main.py), timed from the pruning to the
   restored baseline; its printing goes to stderr. extra_steps: then that many more SGD steps of the pruned
   model, each timed ('step_times'; not part of 'seconds'), for a per-step figure that one slow step does not
@@ -260,32 +266,32 @@ def run_original(root, keep_fraction, tau, val_images, batch, seed, rng, extra_s
   perturbation = [(float(np.exp(rng.normal())), float(rng.normal(0, std[k]))) for k in sorted(original_dist)]
   stdout, sys.stdout = sys.stdout, sys.stderr  # the original prints progress
   try:
-    t0 = time.perf_counter()
+    t0 = tick()
     pruner.pruning_with_transformations(original_dist, perturbation, keep_fraction)
     pruner.reset()
     pruner.model.eval()
     pruner.forward(torch.zeros((1, 3, 32, 32)))
     flops = pruner.cur_flops
     optimizer = torch.optim.SGD(pruner.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    t1 = time.perf_counter()
+    t1 = tick()
     if tau > 0:  # as learn_ranking_ea
       train(pruner.model, train_loader, val_loader, optimizer, epochs=1, steps=tau, run_test=False, device='cpu')
-    t2 = time.perf_counter()
+    t2 = tick()
     _, loss = test(pruner.model, val_loader, device='cpu', get_loss=True)
-    t3 = time.perf_counter()
+    t3 = tick()
     step_times = []  # not part of the candidate
     pruner.model.train()
     for x, y in list(train_loader)[:extra_steps]:
-      s0 = time.perf_counter()
+      s0 = tick()
       train_step(pruner.model, optimizer, x, y)
-      step_times.append(time.perf_counter() - s0)
-    t3b = time.perf_counter()
+      step_times.append(tick() - s0)
+    t3b = tick()
     model = load()
     pruner.model = model
     pruner.reset()
     pruner.model.eval()
     pruner.forward(torch.zeros((1, 3, 32, 32)))
-    t4 = time.perf_counter()
+    t4 = tick()
   finally:
     sys.stdout = stdout
   return {'seconds': (t3 - t0) + (t4 - t3b), 'prune_s': t1 - t0, 'train_s': t2 - t1, 'val_s': t3 - t2,

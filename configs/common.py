@@ -110,7 +110,9 @@ def add_search_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                                     weight_decay=5e-4, schedule='constant'))
   c.search.val_batch_size = 500  # the fitness reads floor(val_size / val_batch_size) validation batches
   c.search.chunk_size = 1  # candidates per chunk on each device (memory bound of the vmapped mode)
-  c.search.eval_mode = 'auto'  # 'vmap' | 'map' | 'auto' ('map' on CPU, 'vmap' on GPU/TPU)
+  # 'vmap' | 'map' | 'host' | 'sliced' (CPU: the kept channels only) | 'auto' ('vmap' on GPU/TPU; on CPU
+  # 'sliced' from tau 50 on without search.quantize, else 'host'); picpq_jax/fitness.py.
+  c.search.eval_mode = 'auto'
   c.search.quantize = False  # fine-tune inside the fitness with the assigned bits (the original does not)
   # A candidate whose pruning plan equals an evaluated one takes its loss without running (fitness.PlanCache;
   # ours, the result is the same). False evaluates every candidate, as the original does.

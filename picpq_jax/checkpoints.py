@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -82,6 +83,9 @@ def _orbax_quiet():
   sys.unraisablehook = lambda unraisable: None  # tensorstore's callbacks into the closed loop of a failed save
   try:
     yield
+  except BaseException:
+    gc.collect()  # orbax's abandoned reads and writes, collected while their complaints are off
+    raise
   finally:
     logging.set_verbosity(before)
     sys.unraisablehook = hook

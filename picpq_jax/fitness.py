@@ -7,16 +7,32 @@ For every candidate (METHOD.md, "Search"):
          -> mean validation cross-entropy (eval mode).
 A candidate whose target is unreachable, or whose loss is not finite, gets NaN (evosax: failed).
 
-Candidates are sharded over all devices along the candidate axis (shard_map) and evaluated in groups of
-devices x `chunk_size`, so memory stays bounded by one group. Three ways to run a group (`search.eval_mode`):
-  'vmap'  one compiled function per group: prune, lax.scan over the tau steps, lax.scan over validation,
-          vmapped over the chunk's candidates. The point on GPU/TPU: the whole group is one batched program.
-  'map'   the same compiled function, but the chunk's candidates run one after another (lax.map).
-  'host'  the tau steps are a Python loop over one compiled (vmapped) step; no loop inside the program.
-'auto' is 'host' on CPU and 'vmap' elsewhere, because XLA CPU (jaxlib 0.10.2) runs conv training steps inside
-a while loop (lax.scan / fori_loop / lax.map) about 25-50x slower than the same step called from Python
-(bench/bench_fitness.py measures it), and because a vmapped conv with per-candidate weights is a grouped
-conv, slow there too (2.3x the sequential cost for 4 ResNet-20 candidates).
+Four ways to run the candidates (`search.eval_mode`). The first three run the full network with the masks
+folded into BatchNorm (`fold_masks`: the masked computation at the dense step's cost), sharded over all
+devices along the candidate axis (shard_map) in groups of devices x `chunk_size`, so memory stays bounded
+by one group:
+  'vmap'    one compiled function per group: prune, lax.scan over the tau steps, lax.scan over validation,
+            vmapped over the chunk's candidates. The point on GPU/TPU: the whole group is one batched program.
+  'map'     the same compiled function, but the chunk's candidates run one after another (lax.map).
+  'host'    the tau steps are a Python loop over one compiled (vmapped) step; no loop inside the program.
+  'sliced'  (CPU) only what the plan keeps: each candidate's kept channels are cut out of the baseline by the
+            export's slicing (export.slice_variables / slim_spec), and the slimmed network is fine-tuned and
+            validated, one candidate after another on one device, with the same tau steps on the same
+            batches. Its train and validation steps are compiled once per distinct set of layer widths
+            (`SlimPrograms`, a cache), so candidates keeping as many channels in every layer share them;
+            in a search nearly every candidate has widths of its own and compiles. Its losses equal the
+            masked modes' to float32 rounding (tests/test_fitness_sliced.py; `PopulationFitness.sliced_loss`
+            says why BatchNorm and the optimizer agree). Not with search.quantize (the weight quantizer's
+            scale reads the pruned filters too).
+'auto' is 'vmap' off the CPU; on the CPU it is 'sliced' for tau >= SLICED_MIN_TAU without search.quantize,
+else 'host'. Measured on a 2-core AMD EPYC (AVX2), loaded by other work, ResNet-56 at 45 % of the FLOPs,
+batch 128 (bench/bench_train_step.py, bench/bench_fitness.py): the slimmed step takes 0.67x the dense one
+(PyTorch's pruned model: 0.96x its dense one there), and its compile costs about 12 dense steps per
+candidate, so slicing pays from about 40 steps on (bench/bench_fitness.py prints the crossover and the
+seconds per candidate of each mode at the original's tau 200). XLA CPU (jaxlib 0.10.2) runs conv training steps inside a while loop (lax.scan / fori_loop /
+lax.map) about 25-50x slower than the same step called from Python, and a vmapped conv with per-candidate
+weights is a grouped conv, slow there too (2.3x the sequential cost for 4 ResNet-20 candidates): hence no
+'vmap' / 'map' on the CPU.
 """
 from __future__ import annotations
 
@@ -235,6 +251,7 @@ class PopulationFitness:
     self.mode = resolve_eval_mode(mode, tau=self._num_steps, quantize=bool(fns.cfg.quantize))
     self.fns = fns
     self.step_seconds: Optional[list[float]] = None  # a list: the host and sliced modes time each step in it
+    self.step_clock: Callable[[], float] = time.perf_counter  # or time.process_time (CPU seconds)
     if self.mode == 'sliced':
       self._init_sliced(variables, train_batches, val_batches)
       return
@@ -254,13 +271,13 @@ class PopulationFitness:
       self._result = _sharded(_over_chunk(fns.result, 'vmap', (0, 0)), self.mesh, (0, 0))
 
   def _timed(self, step: Callable, *args):
-    """step(*args), its seconds appended to `step_seconds` when that is a list (benches: each step then
-    waits for the previous one, which costs a little of the dispatch overlap)."""
+    """step(*args), its seconds by `step_clock` appended to `step_seconds` when that is a list (benches:
+    each step then waits for the previous one, which costs a little of the dispatch overlap)."""
     if self.step_seconds is None:
       return step(*args)
-    t0 = time.perf_counter()
+    t0 = self.step_clock()
     out = jax.block_until_ready(step(*args))
-    self.step_seconds.append(time.perf_counter() - t0)
+    self.step_seconds.append(self.step_clock() - t0)
     return out
 
   def _init_sliced(self, variables, train_batches, val_batches):

@@ -249,6 +249,17 @@ def data_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), ('data',))
 
 
+# A cross-entropy this many times that of guessing uniformly (ln of the class count) is divergence, not
+# learning: an untrained network sits at 1x, a bad but working one at a few x; a diverged one at 1e18 or NaN.
+DIVERGED_LOSS_FACTOR = 1000.0
+
+
+def diverged(loss: float, num_classes: int) -> bool:
+  """Whether a mean cross-entropy `loss` means the training diverged: NaN, infinite, or beyond
+  DIVERGED_LOSS_FACTOR x ln(num_classes)."""
+  return not math.isfinite(loss) or loss > DIVERGED_LOSS_FACTOR * math.log(max(num_classes, 2))
+
+
 def check_batch_size(batch_size: int, what: str = 'train.batch_size') -> None:
   n = jax.device_count()
   if batch_size % n:
@@ -350,9 +361,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       seen += len(batch['label'])
     train_m = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
-    if not math.isfinite(train_m['loss']):
-      raise FloatingPointError(f'{stage}: the training loss became {train_m["loss"]} in epoch {epoch + 1}; '
-                               f'lower {section}.learning_rate (now {train_cfg.learning_rate}).')
+    if diverged(train_m['loss'], info.num_classes):
+      raise FloatingPointError(f'{stage}: the training loss became {train_m["loss"]:.4g} in epoch {epoch + 1} '
+                               f'(diverged); lower {section}.learning_rate (now {train_cfg.learning_rate}).')
     elapsed = time.time() - t0
     if bn_batches:
       state = state.replace(batch_stats=precise_batch_stats(

@@ -216,14 +216,21 @@ def test_a_search_that_found_nothing_usable_names_the_likely_setting():
   s = small_config().search
   s.learning_rate = 1e6
   nan = float('nan')
-  assert picpq.search_failure(np.array([nan, nan, 2.1, 2.3]), 2.1, s) is None  # half failed: still usable
-  message = picpq.search_failure(np.array([nan, nan, nan, 2.3]), 2.3, s)
-  assert message == ('the search found no usable candidate (3 of 4 failed with a NaN or infinite loss, the best '
-                     'loss is 2.3); lower search.learning_rate (now 1000000.0), and add --config.recompute=search '
-                     'to search again.')
-  assert 'best loss is inf' in picpq.search_failure(np.array([np.inf, 2.0]), np.inf, s)
+  assert picpq.search_failure(np.array([nan, 1e34, 2.1, 2.3]), 2.1, s, 10) is None  # half failed: still usable
+  message = picpq.search_failure(np.array([nan, 1.15e34, nan, 2.3]), 2.3, s, 10)
+  assert message == ('the search found no usable candidate (3 of 4 failed with a NaN, infinite or diverged loss, '
+                     'the best loss is 2.3); lower search.learning_rate (now 1000000.0), and add '
+                     '--config.recompute=search to search again.')
+  assert 'best loss is 1.15e+34' in picpq.search_failure(np.array([1.15e34, 2.0, 2.0]), 1.15e34, s, 10)
   s.tau = 0
-  assert 'check the baseline' in picpq.search_failure(np.array([nan, nan]), nan, s)
+  assert 'check the baseline' in picpq.search_failure(np.array([nan, nan]), nan, s, 10)
+
+
+def test_diverged_training_loss():
+  from picpq_jax import training  # pylint: disable=g-import-not-at-top
+  assert not training.diverged(2.3026, 10) and not training.diverged(40.0, 10)  # untrained; bad but working
+  assert training.diverged(float('nan'), 10) and training.diverged(float('inf'), 10)
+  assert training.diverged(1.7e18, 10) and training.diverged(2400.0, 10) and not training.diverged(2400.0, 1000)
 
 
 def test_keep_fraction_1_prunes_nothing():

@@ -1,5 +1,5 @@
 """The 'sliced' fitness mode (the kept channels only) gives the masked mode's losses, compiled once per set of
-layer widths."""
+layer widths; 'auto' picks it where it was measured faster; the XLA CPU setting follows the CPU."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,3 +77,13 @@ def test_auto_mode_and_quantize():
   assert fitness.resolve_eval_mode('auto', 'gpu', tau=200) == 'vmap'
   with pytest.raises(ValueError, match='search.quantize'):
     fitness.resolve_eval_mode('sliced', 'cpu', tau=200, quantize=True)
+
+
+def test_xla_setting_follows_the_cpu():
+  from picpq_jax import xla_setup  # pylint: disable=g-import-not-at-top
+  intel = 'processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512bw\n'
+  amd = 'processor\t: 0\nflags\t\t: fpu sse sse2 avx fma avx2 sha_ni\n'
+  old = 'processor\t: 0\nflags\t\t: fpu sse sse2 sse4_2 avx\n'
+  arm = 'processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n'
+  assert [xla_setup.cpu_isa(t) for t in (intel, amd, old, arm)] == ['AVX512', 'AVX2', 'other', 'other']
+  assert xla_setup.cpu_flags('AVX2') == xla_setup.FAST_CPU_FLAGS and xla_setup.cpu_flags('other') == ''

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from picpq_jax import bits as bits_lib
-from picpq_jax import checkpoints, cost, criteria, data, evolution, fitness, pruning, report, topology
+from picpq_jax import checkpoints, cost, criteria, data, evolution, fitness, pruning, report, topology, training
 from picpq_jax import policy as policy_lib
 from picpq_jax.methods import Context, Result
 
@@ -81,7 +81,7 @@ def check_config(config: ml_collections.ConfigDict, topo) -> None:
   if s.criterion not in criteria.PROPERTIES:
     raise ValueError(f'search.criterion={s.criterion!r} is not a filter property; choose one of '
                      f'{list(criteria.PROPERTIES)}.')
-  fitness.resolve_eval_mode(s.eval_mode)
+  fitness.resolve_eval_mode(s.eval_mode, tau=s.tau, quantize=s.quantize)
   strategy, _ = evolution.make_strategy(s.strategy, topo.num_layers, s.population, s.num_children,
                                         s.total_evaluations, tournament_size=s.tournament)
   if isinstance(strategy, evolution.AgingEvolution) and s.population < s.tournament:
@@ -227,7 +227,7 @@ def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
   # Which evaluations repeated an earlier plan: with search.cache_plans these took the stored loss.
   repeated = fitness.repeated_plans(fitness.plan_keys(topo, hist_masks))
   loss = np.asarray(result.history_fitness)
-  failure = search_failure(loss, float(result.best_fitness), s)
+  failure = search_failure(loss, float(result.best_fitness), s, info.num_classes)
   if failure:
     raise FloatingPointError(failure)
   checkpoints.write_npz(os.path.join(workdir, 'search_history.npz'), {
@@ -246,17 +246,17 @@ def run_search(config, workdir: str, model, topo, variables, fp) -> dict:
   return summary
 
 
-def search_failure(loss: np.ndarray, best_loss: float, s) -> Optional[str]:
-  """One sentence when the search found nothing usable (its best loss is not finite, or more than half of its
-  candidates failed, i.e. their loss is NaN or infinite), naming the setting that most likely caused it; None
-  when it is usable. s: config.search."""
-  failed = int(np.sum(~np.isfinite(loss)))
-  if np.isfinite(best_loss) and 2 * failed <= len(loss):
+def search_failure(loss: np.ndarray, best_loss: float, s, num_classes: int) -> Optional[str]:
+  """One sentence when the search found nothing usable (its best loss diverged, or more than half of its
+  candidates failed: a NaN, infinite or diverged loss, training.diverged), naming the setting that most likely
+  caused it; None when it is usable. s: config.search."""
+  failed = sum(training.diverged(float(v), num_classes) for v in np.asarray(loss, np.float64))
+  if not training.diverged(best_loss, num_classes) and 2 * failed <= len(loss):
     return None
   likely = (f'lower search.learning_rate (now {s.learning_rate})' if s.tau > 0 else
             'check the baseline (search.tau=0: the candidates were not trained, so the baseline itself fails)')
-  return (f'the search found no usable candidate ({failed} of {len(loss)} failed with a NaN or infinite loss, the '
-          f'best loss is {best_loss:.4g}); {likely}, and add --config.recompute=search to search again.')
+  return (f'the search found no usable candidate ({failed} of {len(loss)} failed with a NaN, infinite or diverged '
+          f'loss, the best loss is {best_loss:.4g}); {likely}, and add --config.recompute=search to search again.')
 
 
 def derive_policy(config, workdir: str, topo, variables, fp, found: dict) -> policy_lib.Policy:
