@@ -13,9 +13,10 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # TensorFlow's C++ logs off (before any TF import) unless asked
 
-from picpq_jax import xla_setup  # noqa: E402
+from picpq_jax import hosts, xla_setup  # noqa: E402
 
 xla_setup.configure_cpu()
+hosts.start()  # many processes, when the environment asks for them (picpq_jax/hosts.py)
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -20,10 +20,9 @@ bits (the activations' init range at 8 bits, d (2^8 - 1) = 31.9, is more than a 
 target 53x (the paper's ResNet-18 / ImageNet figure); 4 epochs; the last epoch read out; the fine-tuning
 with PIC-PQ's quantizers at DJPQ's bits (the export has no DQ grid).
 
-Measured 2026-12-01 from the demo's baseline (97.40 % test), on the shared 2-core CPU under a load average
-of about 11 (the job got 53 % of one core): 22 min 11 s wall, 11.8 CPU-minutes (method 770 s, fine-tuning
-439 s). BOPs 54.72x fewer than dense FP32 for the 53x asked (+3.3 %; all four epochs ended at the same
-policy): every quantized conv at 3-bit weights and 5-bit activations, no channel pruned (at gamma 1e-5 and
+Measured 2026-12-01 from the demo's baseline (97.40 % test), on an idle 2-core AMD EPYC (AVX2): 7 min 05 s
+wall (22 min 11 s on the same machine under a load average of about 11). BOPs 54.72x fewer than dense FP32
+for the 53x asked (+3.2 %; all four epochs ended at the same policy): every quantized conv at 3-bit weights and 5-bit activations, no channel pruned (at gamma 1e-5 and
 Adam 1e-3 the gates move too little in 4 epochs: log alpha stayed below -8.8); validation 97.0 %
 at the end of DJPQ's training, test 97.60 % after the fine-tuning. With
 --config.djpq.groups.gates.learning_rate=0.05 the gates pruned 38 of the 688 channels (the free conv1s

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from picpq_jax import hosts
+
 CHECKSUM = 'checksum'  # the meta entry holding array_checksum(state)
 
 
@@ -51,12 +53,15 @@ def manager(directory: str, max_to_keep: Optional[int] = 2) -> ocp.CheckpointMan
 
 def array_checksum(tree: Any) -> Optional[str]:
   """SHA-256 over every array leaf of `tree` (dtype, shape and bytes), independent of the containers holding
-  them (a saved TrainState and the dicts and lists orbax restores it as give the same checksum); None when
-  a leaf is not on this host (multi-host arrays: not checked)."""
+  them (a saved TrainState and the dicts and lists orbax restores it as give the same checksum). A replicated
+  array of many processes is read from this process's copy; None when a leaf is split over processes (not
+  checked)."""
   digests = []
   for leaf in jax.tree.leaves(tree):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      return None
+      if not leaf.is_fully_replicated:
+        return None
+      leaf = leaf.addressable_data(0)
     a = np.ascontiguousarray(np.asarray(leaf))
     digests.append(hashlib.sha256(f'{a.dtype.str}{a.shape}'.encode() + a.tobytes()).hexdigest())
   return hashlib.sha256(''.join(sorted(digests)).encode()).hexdigest()
@@ -143,9 +148,14 @@ def _restore_step(mngr: ocp.CheckpointManager, target: Any, step: int, expect: O
       raise CheckpointMismatchError(
           f'the checkpoint in {mngr.directory} was written with {key}={meta.get(key)!r} but this run has '
           f'{key}={value!r}; use a fresh --workdir or the matching config.')
-  abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   try:
     with _orbax_quiet():
+      if target is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+      elif jax.process_count() > 1:
+        abstract = _on_this_process(os.path.join(path, 'state'))
+      else:
+        abstract = None  # as saved
       state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
   except Exception:  # pylint: disable=broad-except  # a truncated or garbled array file: plain Exceptions
     raise _damaged(path, 'its array files cannot be read: truncated or garbled') from None
@@ -155,6 +165,16 @@ def _restore_step(mngr: ocp.CheckpointManager, target: Any, step: int, expect: O
     if got is not None and got != saved:
       raise _damaged(path, 'its arrays do not match the checksum saved with them')
   return state, meta
+
+
+def _on_this_process(item_dir: str) -> Any:
+  """The saved arrays' shapes and dtypes, each placed whole on this process's first device: with many processes
+  a checkpoint's saved placement (another run's devices) need not exist, and the caller wants host arrays."""
+  metadata = ocp.StandardCheckpointer().metadata(item_dir)
+  tree = getattr(getattr(metadata, 'item_metadata', metadata), 'tree', metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+                      is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
 
 
 def _first_line(error: BaseException) -> str:
@@ -211,9 +231,20 @@ def atomic_write(path: str, write: Callable[[Any], None], binary: bool = False) 
   """Call write(file) on a temporary file beside `path`, then rename it to `path`.
 
   A killed or failing write (disk full, an exception in `write`) leaves `path` as it was and no temporary
-  file behind. Raises OSError as one sentence naming the file.
+  file behind. Raises OSError as one sentence naming the file. With many processes only process 0 writes:
+  it starts once every process has come here (so none looked for the file after it appeared) and every
+  process returns once it is written (hosts.barrier).
   """
   path = os.path.abspath(path)
+  hosts.barrier('before writing ' + path)
+  try:
+    if hosts.is_writer():
+      _write_file(path, write, binary)
+  finally:
+    hosts.barrier('wrote ' + path)
+
+
+def _write_file(path: str, write: Callable[[Any], None], binary: bool) -> None:
   directory = os.path.dirname(path)
   try:
     os.makedirs(directory, exist_ok=True)

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Optional
 import ml_collections
 import numpy as np
 
-from picpq_jax import checkpoints, methods, pipeline, report
+from picpq_jax import checkpoints, hosts, methods, pipeline, report
 
 BASELINE_DIR = 'baseline'
 SEARCH_DIR = 'picpq_search'
@@ -233,11 +233,13 @@ def failed_record(run: Run, error: BaseException) -> dict:
 
 def link_baseline(baseline_dir: str, workdir: str) -> None:
   """Make workdir a run directory whose baseline stage is baseline_dir's (relative symlinks)."""
-  os.makedirs(workdir, exist_ok=True)
-  for name in BASELINE_FILES:
-    target = os.path.join(workdir, name)
-    if not os.path.lexists(target):
-      os.symlink(os.path.relpath(os.path.join(baseline_dir, name), workdir), target)
+  if hosts.is_writer():
+    os.makedirs(workdir, exist_ok=True)
+    for name in BASELINE_FILES:
+      target = os.path.join(workdir, name)
+      if not os.path.lexists(target):
+        os.symlink(os.path.relpath(os.path.join(baseline_dir, name), workdir), target)
+  hosts.barrier('link ' + workdir)
 
 
 def repeat_finetuning(run: Run, baseline_dir: str, seeds: int) -> list[dict]:

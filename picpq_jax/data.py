@@ -247,12 +247,17 @@ def crop_flip(images: np.ndarray, offsets_y: np.ndarray, offsets_x: np.ndarray, 
 
 
 def _random_crop_flip(images: np.ndarray, rng: np.random.Generator, flip: bool,
-                      padding: int = CROP_PADDING) -> np.ndarray:
-  """CIFAR augmentation of a (B, H, W, C) batch: random crop with zero padding, then (if flip) random mirror."""
-  b = images.shape[0]
-  oy = rng.integers(0, 2 * padding + 1, size=b)
-  ox = rng.integers(0, 2 * padding + 1, size=b)
-  flips = rng.random(b) < 0.5 if flip else np.zeros(b, bool)
+                      padding: int = CROP_PADDING, rows: slice = slice(None), batch: Optional[int] = None
+                      ) -> np.ndarray:
+  """CIFAR augmentation of a (B, H, W, C) batch: random crop with zero padding, then (if flip) random mirror.
+
+  images may be only `rows` of a batch of `batch` images (one process's part): the draws are those of the
+  whole batch, so every image is augmented as it is in a one-process run.
+  """
+  b = images.shape[0] if batch is None else batch
+  oy = rng.integers(0, 2 * padding + 1, size=b)[rows]
+  ox = rng.integers(0, 2 * padding + 1, size=b)[rows]
+  flips = (rng.random(b) < 0.5 if flip else np.zeros(b, bool))[rows]
   return crop_flip(images, oy, ox, flips, padding)
 
 
@@ -475,28 +480,41 @@ def steps_per_epoch(data_cfg, split: str, batch_size: int, drop_remainder: bool 
   return n // batch_size if drop_remainder else math.ceil(n / batch_size)
 
 
+def part_rows(n: int, part: tuple[int, int]) -> slice:
+  """Rows [i n / c, (i + 1) n / c) of a batch of n: part i of c (one process's share of a global batch)."""
+  i, c = part
+  return slice(i * n // c, (i + 1) * n // c)
+
+
 def _array_batches(images: np.ndarray, labels: np.ndarray, index: np.ndarray, batch_size: int, *,
-                   train: bool, augment: str, seed: int, epoch: int, drop_remainder: bool, mean, std
-                   ) -> Iterator[dict]:
+                   train: bool, augment: str, seed: int, epoch: int, drop_remainder: bool, mean, std,
+                   part: tuple[int, int] = (0, 1)) -> Iterator[dict]:
   """Batches of rows `index` of in-memory uint8 images (N, H, W, C) and int32 labels (N,).
 
   train: rows shuffled by (seed, epoch); batch k augmented with the stream (seed, epoch, k).
+  part: only part i of c of every batch is read, normalized and augmented (`part_rows`).
   """
   if train:
     index = index[_rng(seed, _STREAM_SHUFFLE, epoch).permutation(len(index))]
   n = len(index)
   stop = n - n % batch_size if drop_remainder else n
   for k, start in enumerate(range(0, stop, batch_size)):
-    rows = index[start:start + batch_size]
+    batch = index[start:start + batch_size]
+    mine = part_rows(len(batch), part)
+    rows = batch[mine]
     x = images[rows]
     if train and augment in ('crop', 'crop_flip'):
-      x = _random_crop_flip(x, _rng(seed, _STREAM_AUGMENT, epoch, k), flip=augment == 'crop_flip')
+      x = _random_crop_flip(x, _rng(seed, _STREAM_AUGMENT, epoch, k), flip=augment == 'crop_flip', rows=mine,
+                            batch=len(batch))
     yield {'image': normalize(x, mean, std), 'label': labels[rows]}
 
 
 def _imagenet_batches(s: dict, split: str, batch_size: int, *, train: bool, seed: int, epoch: int,
-                      drop_remainder: bool) -> Iterator[dict]:
-  """ImageNet streamed with tf.data; deterministic given (seed, epoch) (file order, shuffle, augmentation)."""
+                      drop_remainder: bool, part: tuple[int, int] = (0, 1)) -> Iterator[dict]:
+  """ImageNet streamed with tf.data; deterministic given (seed, epoch) (file order, shuffle, augmentation).
+
+  part: only part i of c of every batch is decoded (`part_rows`: the examples are filtered by their place in
+  their batch before decoding)."""
   tfds_split = _imagenet_tfds_split(s, split)
   if tfds_split is None:
     return
@@ -546,13 +564,30 @@ def _imagenet_batches(s: dict, split: str, batch_size: int, *, train: bool, seed
     image = (tf.clip_by_value(image, 0.0, 255.0) - mean) / std
     return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
 
-  ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+  ds = ds.enumerate()
+  if part != (0, 1):
+    n = _imagenet_split_size(s, split)
+    if drop_remainder:
+      ds = ds.take(n - n % batch_size)
+    i, c = part
+    last = n % batch_size if n % batch_size else batch_size  # a short last batch is split by its own size
+
+    def in_part(k, ex):
+      del ex
+      size = tf.where(k // batch_size == (n - 1) // batch_size, tf.constant(last, tf.int64), batch_size)
+      pos = k % batch_size
+      return tf.logical_and(pos >= i * size // c, pos < (i + 1) * size // c)
+
+    ds = ds.filter(in_part)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  local = part_rows(batch_size, part)
+  ds = ds.batch(local.stop - local.start, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
   yield from tfds.as_numpy(ds)
 
 
 def epoch_batches(data_cfg, split: str, batch_size: int, *, train: bool, epoch: int = 0,
-                  seed: Optional[int] = None, drop_remainder: Optional[bool] = None) -> Iterator[dict]:
+                  seed: Optional[int] = None, drop_remainder: Optional[bool] = None,
+                  part: tuple[int, int] = (0, 1)) -> Iterator[dict]:
   """One epoch of `split` in batches.
 
   Args:
@@ -565,8 +600,10 @@ def epoch_batches(data_cfg, split: str, batch_size: int, *, train: bool, epoch: 
     epoch: epoch number (keys the shuffle and augmentation).
     seed: shuffle/augmentation seed; None: data_cfg.seed. The validation hold-out always uses data_cfg.seed.
     drop_remainder: drop a last batch smaller than B; None: the value of `train`.
+    part: (i, c): yield only rows `part_rows(B, (i, c))` of every batch (process i of c reads its share of
+      each global batch, and only that); (0, 1): whole batches.
   Yields:
-    {'image': float32 (B, H, W, C) normalized, 'label': int32 (B,)}.
+    {'image': float32 (B, H, W, C) normalized, 'label': int32 (B,)} (B: this part's rows).
   """
   _check_split(split)
   if batch_size <= 0:
@@ -576,12 +613,12 @@ def epoch_batches(data_cfg, split: str, batch_size: int, *, train: bool, epoch: 
   drop_remainder = train if drop_remainder is None else drop_remainder
   if not s['spec'].in_memory:
     yield from _imagenet_batches(s, split, batch_size, train=train, seed=seed, epoch=epoch,
-                                 drop_remainder=drop_remainder)
+                                 drop_remainder=drop_remainder, part=part)
     return
-  part = _in_memory_split(s, split)
-  yield from _array_batches(part.images, part.labels, part.index, batch_size, train=train,
+  arrays = _in_memory_split(s, split)
+  yield from _array_batches(arrays.images, arrays.labels, arrays.index, batch_size, train=train,
                             augment=s['augment'], seed=seed, epoch=epoch, drop_remainder=drop_remainder,
-                            mean=s['spec'].mean, std=s['spec'].std)
+                            mean=s['spec'].mean, std=s['spec'].std, part=part)
 
 
 def fixed_batches(data_cfg, split: str, batch_size: int, num_batches: int, *, seed: int,

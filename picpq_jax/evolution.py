@@ -525,13 +525,15 @@ def run_search(
     mngr = checkpoints.manager(checkpoint_dir, max_to_keep=2)
 
   def loop_state(state, key_loop, evaluated, history_population, history_fitness):
-    return {"state": state, "key_loop": jax.random.key_data(key_loop), "evaluated": np.asarray(evaluated, np.int32),
-            "history_population": history_population, "history_fitness": history_fitness}
+    # Host arrays: every process holds the same values, and orbax saves host arrays from one process.
+    return jax.device_get({"state": state, "key_loop": jax.random.key_data(key_loop),
+                           "evaluated": np.asarray(evaluated, np.int32),
+                           "history_population": history_population, "history_fitness": history_fitness})
 
   bar = None
   if progress:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=total_evaluations, desc="search", unit="cand")
+    bar = tqdm(total=total_evaluations, desc="search", unit="cand", disable=jax.process_index() != 0)
   if mngr is not None and checkpoints.latest_step(mngr) is not None:
     template_state, _, _ = _start(strategy, params, fitness_fn, key_population, key_init, num_layers,
                                   evaluate=False)

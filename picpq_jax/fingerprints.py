@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from picpq_jax import checkpoints
+from picpq_jax import checkpoints, hosts
 
 FILE = 'fingerprints.json'
 STAGES = ('baseline', 'method', 'finetune', 'export', 'report')
@@ -125,7 +125,25 @@ def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any
     for part in key.split('.'):
       value = value.get(part) if isinstance(value, Mapping) else None
     out.update(_leaves(key, value))
-  return {k: v for k, v in out.items() if _counts(k)}
+  out = {k: v for k, v in out.items() if _counts(k)}
+  for key, file in BY_CONTENT.items():
+    if out.get(key):
+      out[key] = _content(str(out[key]), file)
+  return out
+
+
+# Settings that name another run directory whose result this stage reads: what counts is that result, not
+# where it lives (a comparison directory moved or copied elsewhere still resumes).
+BY_CONTENT = {'search.ranking_workdir': 'search.json'}
+
+
+def _content(directory: str, file: str) -> str:
+  """'<file> sha256:<first 16 hex digits>' of directory/file, or the directory itself while it has none."""
+  path = os.path.join(directory, file)
+  if not os.path.isfile(path):
+    return directory
+  with open(path, 'rb') as f:
+    return f'{file} sha256:{hashlib.sha256(f.read()).hexdigest()[:16]}'
 
 
 def fingerprint(inputs: Mapping[str, Any], previous: str) -> str:
@@ -264,7 +282,7 @@ def discard(workdir: str, records: Mapping[str, Any], stage: str) -> None:
   """Delete every file `stage` and the stages after it made (what was not there when it started), then
   their records. Files first: a run killed in between finds the old records and discards again."""
   keep = set(records[stage].get('entries', ()))
-  gone = [e for e in entries(workdir) if e not in keep]
+  gone = [e for e in entries(workdir) if e not in keep] if hosts.is_writer() else []  # process 0 deletes
   for entry in gone:
     parent = entry.split('/', 1)[0]
     if '/' in entry and parent in gone:

@@ -47,7 +47,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from picpq_jax import bits as bits_lib
-from picpq_jax import export, pruning, training
+from picpq_jax import export, hosts, pruning, training
 from picpq_jax.models.spec import ArchSpec
 from picpq_jax.topology import Topology
 
@@ -238,13 +238,15 @@ def pad_population(x: np.ndarray, multiple: int) -> np.ndarray:
 class PopulationFitness:
   """fitness(a (K, L), b (K, L)) -> {'loss', 'flops', 'reached'}, each (K,), for any K.
 
-  Candidates go through in groups of mesh.size * chunk_size (the last group padded); `on_group(n)` is
-  called after each group with the number of real candidates it held (progress bars).
+  Candidates go through in groups of mesh.size * chunk_size (the last group padded; with N processes, groups
+  of N times that, each process running its share on its own devices); `on_group(n)` is called after each
+  group with the number of real candidates it held (progress bars).
   """
 
   def __init__(self, fns: CandidateFns, variables: Mapping[str, Any], train_batches, val_batches,
                chunk_size: int = 1, mode: str = 'auto', mesh: Optional[Mesh] = None):
-    self.mesh = mesh or training.data_mesh()
+    # This process's devices: with many processes each evaluates its share of every group (__call__).
+    self.mesh = mesh or hosts.local_mesh()
     self.chunk_size = max(1, int(chunk_size))
     self._num_steps = int(jax.tree.leaves(train_batches)[0].shape[0])
     self._num_val = int(jax.tree.leaves(val_batches)[0].shape[0])
@@ -287,7 +289,7 @@ class PopulationFitness:
     self._baseline = jax.device_get(variables)
     self._spec = self.fns.model.spec
     self.slim_programs = SlimPrograms(self.fns.model, self.fns.tx)
-    self._device = device = jax.devices()[0]
+    self._device = device = jax.local_devices()[0]
     batches = lambda tree, n: [jax.device_put({k: np.asarray(v[i]) for k, v in tree.items()}, device)  # noqa: E731
                                for i in range(n)]
     self._train_list = batches(train_batches, self._num_steps)
@@ -314,10 +316,11 @@ class PopulationFitness:
     return float(total['loss']) / float(total['count'])
 
   def _sliced_group(self, a, b, real: int):
-    """The first `real` candidates of a group, each fine-tuned and validated on its slimmed network."""
-    masks, info = jax.device_get(self._prune_batched(a[:real], b[:real]))
-    loss = np.full(real, np.nan, np.float32)
-    for i in np.flatnonzero(info['reached']):  # an unreached target fails without running
+    """A group's candidates, the first `real` of them each fine-tuned and validated on its slimmed network
+    (the rest are padding: NaN, not run)."""
+    masks, info = jax.device_get(self._prune_batched(a, b))
+    loss = np.full(len(a), np.nan, np.float32)
+    for i in np.flatnonzero(info['reached'][:real]):  # an unreached target fails without running
       loss[i] = self.sliced_loss({name: m[i] for name, m in masks.items()})
     loss = np.where(np.isfinite(loss), loss, np.nan).astype(np.float32)
     return {'loss': loss, 'flops': info['flops'].astype(np.float32), 'reached': info['reached']}
@@ -337,21 +340,26 @@ class PopulationFitness:
     return self._result(total, info)
 
   def __call__(self, a: np.ndarray, b: np.ndarray, on_group: Optional[Callable[[int], None]] = None):
+    # With N processes a group of N x `group` candidates is split into N parts, each evaluated by its
+    # process on its own devices, and the results gathered: every process returns every candidate's.
     k = a.shape[0]
-    a_p = pad_population(np.asarray(a, np.float32), self.group)
-    b_p = pad_population(np.asarray(b, np.float32), self.group)
+    count, index = jax.process_count(), jax.process_index()
+    span = self.group * count
+    a_p = pad_population(np.asarray(a, np.float32), span)
+    b_p = pad_population(np.asarray(b, np.float32), span)
     outs = []
-    for start in range(0, a_p.shape[0], self.group):
-      ga, gb = a_p[start:start + self.group], b_p[start:start + self.group]
+    for start in range(0, a_p.shape[0], span):
+      mine = slice(start + index * self.group, start + (index + 1) * self.group)
+      ga, gb = a_p[mine], b_p[mine]
       if self.mode == 'sliced':
-        out = self._sliced_group(ga, gb, min(self.group, k - start))
+        out = self._sliced_group(ga, gb, max(0, min(self.group, k - mine.start)))
       elif self.mode == 'host':
         out = self._host_group(ga, gb)
       else:
         out = self._whole(ga, gb, self._variables, self._train, self._val)
-      outs.append(jax.device_get(out))
+      outs.append(hosts.gather_rows(jax.device_get(out)))
       if on_group is not None:
-        on_group(min(self.group, k - start))
+        on_group(min(span, k - start))
     return {key: np.concatenate([o[key] for o in outs])[:k] for key in outs[0]}
 
 

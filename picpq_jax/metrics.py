@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any, Mapping
 
-from picpq_jax import checkpoints
+from picpq_jax import checkpoints, hosts
 
 
 class MetricWriter:
@@ -16,7 +16,7 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, f'{name}.jsonl')
     self._tb = None
-    if tensorboard:
+    if tensorboard and hosts.is_writer():
       try:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tb', name))
@@ -24,6 +24,8 @@ class MetricWriter:
         self._tb = None
 
   def write(self, step: int, kind: str, scalars: Mapping[str, Any]) -> None:
+    if not hosts.is_writer():  # every process computes the same metrics; one writes them
+      return
     row = {'step': int(step), 'kind': kind, 'time': time.time(), **{k: checkpoints.json_value(v) for k, v in scalars.items()}}
     try:
       with open(self.path, 'a') as f:

@@ -277,11 +277,12 @@ EXPORT_REPORT = 'export.json'
 
 
 def final_variables(config, workdir: str, result: methods.Result) -> Optional[dict]:
-  """The compressed model's variables: the last fine-tuning stage's best, else the method's own."""
-  last = FINETUNE_STAGES[-1][0]
-  directory = os.path.join(workdir, last + '_best')
-  if os.path.isdir(directory) and os.listdir(directory):
-    return load_stage_variables(config, workdir, last, 'finetune', best=True)
+  """The compressed model's variables: the best of the last fine-tuning stage that ran (one with epochs in
+  the config and a best checkpoint), else the method's own."""
+  for name, epochs_key, _, _ in reversed(FINETUNE_STAGES):
+    directory = os.path.join(workdir, name + '_best')
+    if config.finetune[epochs_key] > 0 and os.path.isdir(directory) and os.listdir(directory):
+      return load_stage_variables(config, workdir, name, 'finetune', best=True)
   return result.variables
 
 

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from picpq_jax import checkpoints, data
+from picpq_jax import checkpoints, data, hosts
 from picpq_jax.metrics import MetricWriter
 from picpq_jax.models.layers import BN_MOMENTUM
 
@@ -267,13 +267,23 @@ def check_batch_size(batch_size: int, what: str = 'train.batch_size') -> None:
                      f'(e.g. {n * max(1, round(batch_size / n))}).')
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
-  sharding = NamedSharding(mesh, P('data'))
-  return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+def process_part() -> tuple[int, int]:
+  """(this process's index, the process count): the share of every global batch this process reads
+  (data.epoch_batches' `part`)."""
+  return jax.process_index(), jax.process_count()
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, local: bool = False) -> dict:
+  """A batch as global arrays split by rows over the devices. batch: the global batch (every process keeps
+  its rows of it), or with local=True only this process's rows (read with part=process_part())."""
+  if not local and jax.process_count() > 1:
+    batch = {k: v[hosts.process_rows(len(v))] for k, v in batch.items()}
+  return hosts.global_batch(batch, mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """`tree` on every device of `mesh` (of every process)."""
+  return hosts.replicated(tree, mesh)
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> dict:
@@ -353,13 +363,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
   for epoch in range(start_epoch, train_cfg.epochs):
     t0, seen = time.time(), 0
     bar = tqdm(data.epoch_batches(config.data, 'train', train_cfg.batch_size, train=True, epoch=epoch,
-                                  seed=config.seed),
-               total=steps_per_epoch, desc=f'{stage} epoch {epoch + 1}/{train_cfg.epochs}', leave=False)
+                                  seed=config.seed, part=process_part()),
+               total=steps_per_epoch, desc=f'{stage} epoch {epoch + 1}/{train_cfg.epochs}', leave=False,
+               disable=not hosts.is_writer())
     sums = None
     for batch in bar:
-      state, m = train_step(state, shard_batch(batch, mesh), masks, bits, teacher, weight_masks)
+      state, m = train_step(state, shard_batch(batch, mesh, local=True), masks, bits, teacher, weight_masks)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-      seen += len(batch['label'])
+      seen += train_cfg.batch_size
     train_m = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
     if diverged(train_m['loss'], info.num_classes):
       raise FloatingPointError(f'{stage}: the training loss became {train_m["loss"]:.4g} in epoch {epoch + 1} '
@@ -377,8 +388,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model, *, stage: str = 
            'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'learning_rate': float(schedule(step)),
            'images_per_sec': seen / elapsed}
     writer.write(step, 'epoch', row)
-    tqdm.write(f'{stage} epoch {epoch + 1}: loss {train_m["loss"]:.4f} train acc {train_m["accuracy"]:.4f} '
-               f'val acc {val["accuracy"]:.4f} ({seen / elapsed:.0f} img/s)')
+    if hosts.is_writer():
+      tqdm.write(f'{stage} epoch {epoch + 1}: loss {train_m["loss"]:.4f} train acc {train_m["accuracy"]:.4f} '
+                 f'val acc {val["accuracy"]:.4f} ({seen / elapsed:.0f} img/s)')
     if select_best and val['accuracy'] > best['accuracy']:
       best = {'accuracy': val['accuracy'], 'epoch': epoch}
       checkpoints.save(best_mngr, step, state, {**meta_expect, 'epoch': epoch, 'best': best})
