@@ -8,8 +8,9 @@ For every candidate (METHOD.md, "Search"):
 A candidate whose target is unreachable, or whose loss is not finite, gets NaN (evosax: failed).
 
 Four ways to run the candidates (`search.eval_mode`). The first three run the full network with the masks
-folded into BatchNorm (`fold_masks`: the masked computation at the dense step's cost), sharded over all
-devices along the candidate axis (shard_map) in groups of devices x `chunk_size`, so memory stays bounded
+folded into BatchNorm (`fold_masks`: the masked computation at the dense step's cost), sharded over this
+process's devices along the candidate axis (shard_map; with many processes each takes its share of every
+group, `PopulationFitness.__call__`) in groups of devices x `chunk_size`, so memory stays bounded
 by one group:
   'vmap'    one compiled function per group: prune, lax.scan over the tau steps, lax.scan over validation,
             vmapped over the chunk's candidates. The point on GPU/TPU: the whole group is one batched program.
