@@ -26,6 +26,15 @@ with a message. Ratios are per round (ours / the original's, both at --tau), med
       .venv/bin/python bench/bench_fitness.py                       # ResNet-56, tau 20 -> 200
   TORCH_THREADS=1 taskset -c 0 ... --cpu-time         # one core each, CPU seconds (steady under load)
   .venv/bin/python bench/bench_fitness.py --modes host sliced --rounds 3
+
+--sweep (issue #14, for GPUs and TPUs; unchanged on a CPU, where it is slow): the 'vmap' mode on one device
+with K = --sweep-k (1, 4, 16, 64) candidates per call, at --tau and the full validation: candidates per
+second of one call of K against K calls of one (the median of min(K, 4) single calls, times K), and the
+device's peak memory after each K (chunk sizes in increasing order, so each peak is that chunk's; 'n/a' where
+the backend reports none, as XLA CPU does). The first call of each K compiles and is not counted.
+
+  .venv/bin/python bench/bench_fitness.py --sweep                                # ResNet-56, tau 200, batch 128
+  .venv/bin/python bench/bench_fitness.py --sweep --arch resnet20 --tau 2 --val-images 500 --sweep-k 1 4  # CPU
 """
 import argparse
 import os
@@ -89,6 +98,11 @@ class Bench:
       self._candidates = [(a[i:i + 1], b[i:i + 1]) for i in np.flatnonzero(info['reached'])]
     return self._candidates.pop()
 
+  def candidates(self, k):
+    """(a, b), each (k, L): k candidates that reach the target."""
+    pairs = [self.candidate() for _ in range(k)]
+    return tuple(self.np.concatenate(x) for x in zip(*pairs))
+
 
 CLOCK = {'tick': time.perf_counter}  # --cpu-time: time.process_time
 
@@ -104,6 +118,43 @@ def line(t_a, t_b, tau_a, tau_b, tau):
   return t_b + (tau - tau_b) * (t_b - t_a) / (tau_b - tau_a)
 
 
+def peak_memory_bytes(device):
+  """The device's peak bytes in use so far, or None where the backend does not report it (XLA CPU)."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  return (stats or {}).get('peak_bytes_in_use')
+
+
+def vmap_sweep(bench, ks, tau, n_val):
+  """Candidates per second of 'vmap' on one device, K per call against K calls of one, and peak memory."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from picpq_jax import fitness  # pylint: disable=g-import-not-at-top
+  device = jax.local_devices()[0]
+  mesh = Mesh(np.array([device]), ('data',))
+  train, val = bench.batches(tau, bench.batch), bench.batches(n_val, bench.val_batch)
+
+  def evaluator(k):
+    return fitness.PopulationFitness(bench.fns, bench.variables, train, val, chunk_size=k, mode='vmap', mesh=mesh)
+
+  single = evaluator(1)
+  compile_1 = timed(lambda: single(*bench.candidates(1)))
+  print(f'  K=1 first call (compile + one candidate) {compile_1:.1f} s', flush=True)
+  print(f'\n{"K":>4} {"cand/s, one call of K":>22} {"cand/s, K calls of 1":>21} {"speed-up":>9} '
+        f'{"peak memory":>12}')
+  for k in ks:
+    batched = evaluator(k)
+    first = timed(lambda: batched(*bench.candidates(k)))
+    a, b = bench.candidates(k)
+    t_k = timed(lambda: batched(a, b))
+    n = min(k, 4)
+    t_1 = float(np.median([timed(lambda i=i: single(a[i:i + 1], b[i:i + 1])) for i in range(n)])) * k
+    peak = peak_memory_bytes(device)
+    peak_s = f'{peak / 2**30:9.2f} GiB' if peak is not None else f'{"n/a":>12}'
+    print(f'{k:>4} {k / t_k:22.3f} {k / t_1:21.3f} {t_1 / t_k:8.2f}x {peak_s}   '
+          f'(compile {first - t_k:.0f} s)', flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--arch', default='resnet56')
@@ -117,6 +168,8 @@ def main():
   parser.add_argument('--keep', type=float, default=0.45)
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--modes', nargs='+', default=['host', 'sliced', 'vmap', 'map'])
+  parser.add_argument('--sweep', action='store_true', help="only the 'vmap' K sweep (see above)")
+  parser.add_argument('--sweep-k', type=int, nargs='+', default=[1, 4, 16, 64])
   parser.add_argument('--cpu-time', action='store_true',
                       help='CPU seconds of each process instead of wall seconds: with everything on one core '
                       '(taskset -c 0, TORCH_THREADS=1) they are what an idle core would take, load or not')
@@ -132,6 +185,14 @@ def main():
 
   bench = Bench(args.arch, args.keep, args.batch, args.val_batch)
   n_val = args.val_images // args.val_batch
+  if args.sweep:
+    import jax  # pylint: disable=g-import-not-at-top
+    print(f'{jax.local_devices()[0].device_kind} ({jax.default_backend()}); {args.arch}, keep {args.keep:.0%} of '
+          f'the FLOPs, tau {args.tau}, batch {args.batch}, {n_val * args.val_batch} validation images; {clock} '
+          'seconds')
+    vmap_sweep(bench, sorted(args.sweep_k), args.tau, n_val)
+    print('reproduce: ' + ' '.join(['.venv/bin/python', 'bench/bench_fitness.py'] + sys.argv[1:]))
+    return
   print(f'CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} core(s) usable; load average at start '
         f'{os.getloadavg()[0]:.1f}; XLA_FLAGS={flags!r}; {clock} seconds')
   print(f'{args.arch}, keep {args.keep:.0%} of the FLOPs, batch {args.batch}, {n_val * args.val_batch} '

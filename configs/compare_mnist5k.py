@@ -5,13 +5,13 @@
 Data, model and baseline training are configs/demo_mnist5k.py's (the comparison trains its own baseline in
 runs/compare/baseline). PIC-PQ's search is the demo's (32 evaluations at keep_fraction 0.6) and runs once; its
 (a, b) then serve every PIC-PQ target (search.ranking='reuse', as LeGR does). Every policy gets the same
-fine-tuning: 1 epoch full precision with masks, then 2 epochs with weights and activations quantized
+fine-tuning: 1 epoch full precision with masks, then 1 epoch with weights and activations quantized
 (cosine, best validation epoch kept); CoDeQ's training is its quantization-aware training, so it trains
-3 epochs itself instead; DJPQ trains its gates and steps for 2 epochs before the shared fine-tuning.
+2 epochs itself instead; DJPQ trains its gates and steps for 2 epochs before the shared fine-tuning.
 Each row spans about 15x to 150x fewer BOPs than the dense FP32 model.
 
 Whose choices (each method's own provenance is in its module and in comparison.md): the rows, the settings,
-the shared 3-epoch fine-tuning, quantized activations for CoDeQ (8 bits) and OPQ-style (8, 6, 4 bits with
+the shared 2-epoch fine-tuning (so that the whole comparison takes under an hour on 2 CPU cores), quantized activations for CoDeQ (8 bits) and OPQ-style (8, 6, 4 bits with
 its three budgets) are ours: both publish 32-bit activations, at which their BOPs could not pass 4x to 8x,
 so the table would compare them only on weight bits.
 
@@ -36,7 +36,7 @@ ROWS = {
     'djpq': ('djpq', 'DJPQ', {'djpq.epochs': 2},
              ({'djpq.target_bops_ratio': 30.0}, {'djpq.target_bops_ratio': 60.0},
               {'djpq.target_bops_ratio': 120.0})),
-    'codeq': ('codeq', 'CoDeQ', {'finetune.enabled': False, 'codeq.epochs': 3, 'codeq.act_bits': 8},
+    'codeq': ('codeq', 'CoDeQ', {'finetune.enabled': False, 'codeq.epochs': 2, 'codeq.act_bits': 8},
               ({'codeq.groups.dead_zone.weight_decay': 1.0},
                {'codeq.groups.dead_zone.weight_decay': 2.5},
                {'codeq.groups.dead_zone.weight_decay': 5.0})),
@@ -51,7 +51,7 @@ def get_config():
   c = demo_mnist5k.get_config()
   c.finetune.fp_epochs = 1
   c.finetune.act_epochs = 0
-  c.finetune.weight_act_epochs = 2
+  c.finetune.weight_act_epochs = 1
   # CoDeQ's own training, as configs/codeq_mnist5k.py has it (besides the epochs and activations above).
   c.codeq.batch_size = 128
   c.codeq.precise_bn_batches = 4
@@ -66,6 +66,7 @@ def get_config():
   c.djpq.groups.quantizer.learning_rate = 1e-2
   c.compare = ml_collections.ConfigDict()
   c.compare.seeds = 1
+  c.compare.compile_cache = True  # the runs mostly compile the same programs: reuse them (xla_setup.py)
   # Rows of methods that are not registered are left out, not faked.
   c.compare.order = tuple(name for name, row in ROWS.items() if row[0] in methods.REGISTRY)
   c.compare.rows = ml_collections.ConfigDict({

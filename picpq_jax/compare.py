@@ -6,6 +6,7 @@ A comparison config is a run config (the shared data, model, baseline training a
 
     compare.seeds  fine-tune every policy with this many seeds (finetune.seed = seed, seed + 1, ...)
     compare.order  the rows to run, in table order (empty: every row, by name)
+    compare.compile_cache  keep compiled programs in <workdir>/jax_cache for the later runs (default True)
     compare.rows   row name -> {'method': registered name, 'label': shown name,
                                 'base': {dotted key: value} for every setting of the row (optional),
                                 'settings': ({dotted key: value}, ...) one run each}
@@ -18,6 +19,7 @@ off for a method whose training is its quantization-aware training (CoDeQ). Layo
     picpq_search/                PIC-PQ's (a, b) search, run once: every PIC-PQ setting reuses its ranking
     runs/<row>/<k>/              one resumable run directory per (row, setting k), the baseline linked in
     runs/<row>/<k>/seed<i>/      the fine-tuning repeated with finetune.seed = seed + i
+    jax_cache/                   XLA's compiled programs, shared by the runs (compare.compile_cache)
     comparison.json, comparison.md, pareto.png
 
 Nothing here reads the test split to choose anything: fine-tuning keeps its best validation epoch, a BOPs
@@ -35,11 +37,12 @@ from typing import Any, Mapping, Optional
 import ml_collections
 import numpy as np
 
-from picpq_jax import checkpoints, hosts, methods, pipeline, report
+from picpq_jax import checkpoints, hosts, methods, pipeline, report, xla_setup
 
 BASELINE_DIR = 'baseline'
 SEARCH_DIR = 'picpq_search'
 RUNS_DIR = 'runs'
+COMPILE_CACHE = 'jax_cache'
 COMPARISON_JSON = 'comparison.json'
 COMPARISON_MD = 'comparison.md'
 PARETO_PNG = 'pareto.png'
@@ -270,6 +273,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict:
   a setting that fails is recorded and the others go on. Writes comparison.json / .md and pareto.png."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   runs = check_comparison(config, workdir)
+  if config.compare.get('compile_cache', True):
+    xla_setup.use_compile_cache(os.path.join(workdir, COMPILE_CACHE))
   baseline_dir = os.path.join(workdir, BASELINE_DIR)
   baseline = pipeline.train_baseline(config, baseline_dir)
   searched = search_config(config, runs)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -547,6 +548,9 @@ def run_search(
     history_fitness = np.array(saved["history_fitness"])
     if on_restore is not None:
       on_restore(history_population[:evaluated], history_fitness[:evaluated])
+    if jax.process_index() == 0:
+      print(f"search: resumed after {evaluated} of {total_evaluations} evaluations ({checkpoint_dir})",
+            file=sys.stderr, flush=True)
   else:
     state, population, fitness = _start(strategy, params, fitness_fn, key_population, key_init, num_layers,
                                         slice_size=initial_slice, bar=bar)

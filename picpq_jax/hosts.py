@@ -84,14 +84,13 @@ def initialize(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
   if _cpu_only():
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   address, timeout_s = args.get('coordinator_address'), args['initialization_timeout']
-  if address and args['process_id'] > 0 and not wait_for_port(address, timeout_s):
-    raise ValueError(f'the coordinator at JAX_COORDINATOR_ADDRESS={address} did not answer within {timeout_s} s; '
-                     'start process 0 there (JAX_PROCESS_ID=0) or fix the address, or raise PICPQ_INIT_TIMEOUT.')
-  # XLA's runtime ends the process itself (no Python exception) when not every process connects in time:
-  # this line is what the user then reads above its message.
-  print(f'starting {args.get("num_processes", "the detected")} processes with the coordinator at '
-        f'{address or "the cluster JAX detects"}; each waits up to {timeout_s} s (PICPQ_INIT_TIMEOUT) for all of '
-        'them (JAX_NUM_PROCESSES, each with its own JAX_PROCESS_ID) to connect.', file=sys.stderr, flush=True)
+  if address:
+    # XLA's runtime ends a process itself (LOG(FATAL), no Python exception) when not every process connects
+    # in time or the counts disagree: meet first, so that those are one sentence on every process.
+    rendezvous(address, args['num_processes'], args['process_id'], timeout_s)
+  else:  # the cluster JAX detects: this line is what the user reads above XLA's own message if one is missing
+    print(f'starting the processes of the cluster JAX detects; each waits up to {timeout_s} s (PICPQ_INIT_TIMEOUT) '
+          'for all of them to connect.', file=sys.stderr, flush=True)
   try:
     jax.distributed.initialize(**args)
   except Exception as e:  # pylint: disable=broad-except  # XLA's runtime errors have no narrower public type
@@ -101,20 +100,99 @@ def initialize(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
   return describe()
 
 
-def wait_for_port(address: str, timeout_s: float) -> bool:
-  """Whether host:port accepts a TCP connection within timeout_s seconds (polled)."""
+HELLO = 'picpq-hello'
+
+
+def rendezvous(address: str, num_processes: int, process_id: int, timeout_s: float) -> None:
+  """Every process of an explicit multi-process run (JAX_COORDINATOR_ADDRESS) meets at the coordinator's port
+  before jax.distributed starts there: process 0 listens, each other process sends its id and count, and
+  process 0 answers all once every id has arrived with the same count. Returns on every process when they
+  all met; otherwise a ValueError (one sentence, the same on every process that reached process 0) naming
+  the setting: a coordinator that never answers, ids missing after timeout_s, a count that differs, an id
+  given twice. Process 0 then leaves the port to jax.distributed's coordinator service.
+  """
   import socket  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   host, port = address.rsplit(':', 1)
   deadline = time.monotonic() + timeout_s
+  if process_id > 0:
+    conn = _connect_until(host, int(port), deadline)
+    if conn is None:
+      raise ValueError(f'the coordinator at JAX_COORDINATOR_ADDRESS={address} did not answer within {timeout_s} s; '
+                       'start process 0 there (JAX_PROCESS_ID=0) or fix the address, or raise PICPQ_INIT_TIMEOUT.')
+    with conn:
+      conn.sendall(f'{HELLO} {process_id} {num_processes}\n'.encode())
+      conn.settimeout(timeout_s + 30)  # process 0 listened before this connection: it answers within timeout_s
+      try:
+        answer = conn.makefile().readline().strip()
+      except OSError:
+        answer = ''
+    if answer != 'ok':
+      raise ValueError(answer.partition(' ')[2] if answer.startswith('error ') else
+                       f'process 0 at JAX_COORDINATOR_ADDRESS={address} ended without answering; see its message.')
+    return
+  try:
+    server = socket.create_server(('', int(port)))
+  except OSError as e:
+    raise ValueError(f'process 0 cannot listen on port {port} of JAX_COORDINATOR_ADDRESS={address} ({e.strerror}); '
+                     'another process 0 or program holds it: stop it or choose another port.') from None
+  peers, error = {}, None
+  with server:
+    while len(peers) < num_processes - 1 and error is None:
+      server.settimeout(max(deadline - time.monotonic(), 0.01))
+      try:
+        conn, _ = server.accept()
+      except OSError:  # the deadline passed
+        error = (f'only {len(peers) + 1} of JAX_NUM_PROCESSES={num_processes} processes (ids '
+                 f'{sorted([0, *peers])}) reached the coordinator at {address} within {timeout_s} s '
+                 f'(PICPQ_INIT_TIMEOUT); start every id from 0 to {num_processes - 1} or lower JAX_NUM_PROCESSES.')
+        break
+      conn.settimeout(5.0)
+      try:
+        words = conn.makefile().readline().split()
+      except OSError:
+        words = []
+      if len(words) != 3 or words[0] != HELLO or not (words[1].isdigit() and words[2].isdigit()):
+        conn.close()  # not one of ours (a port scan, a health check): ignored
+        continue
+      peer, count = int(words[1]), int(words[2])
+      if count != num_processes:
+        error = (f'process {peer} has JAX_NUM_PROCESSES={count} but process 0 has {num_processes}; give every '
+                 'process the same JAX_NUM_PROCESSES.')
+      elif peer in peers:
+        error = f'two processes have JAX_PROCESS_ID={peer}; give each its own id from 0 to {num_processes - 1}.'
+      peers.setdefault(peer, conn)
+      if peers[peer] is not conn:
+        _answer(conn, f'error {error}')
+    for conn in peers.values():
+      _answer(conn, 'ok' if error is None else f'error {error}')
+  if error is not None:
+    raise ValueError(error)
+
+
+def _connect_until(host: str, port: int, deadline: float):
+  """A TCP connection to host:port, retried until the monotonic `deadline`; None if none was made."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
   while True:
     try:
-      with socket.create_connection((host, int(port)), timeout=1.0):
-        return True
+      return socket.create_connection((host, port), timeout=1.0)
     except OSError:
       if time.monotonic() >= deadline:
-        return False
+        return None
       time.sleep(0.2)
+
+
+def _answer(conn, line: str) -> None:
+  """Send `line` and wait for the peer to close first (so the port is free again at once for jax.distributed's
+  service: the side that closes first keeps the connection's TIME_WAIT)."""
+  with conn:
+    try:
+      conn.sendall((line + '\n').encode())
+      conn.settimeout(5.0)
+      conn.recv(1)
+    except OSError:
+      pass
 
 
 def start() -> None:

@@ -198,6 +198,7 @@ def test_killed_search_resumes_to_the_uninterrupted_result(tmp_path):
   assert not (killed / 'search.json').exists()
   out = subprocess.run(search_command(killed), cwd=ROOT, env=search_env(), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert 'search: resumed after' in out.stderr  # from the checkpoint, not started again
   with np.load(full / 'search_history.npz') as f, np.load(killed / 'search_history.npz') as g:
     for key in ('a', 'b', 'loss', 'flops', 'repeated_plan'):
       np.testing.assert_array_equal(f[key], g[key])
