@@ -143,8 +143,8 @@ def vmap_sweep(bench, ks, tau, n_val):
   print(f'\n{"K":>4} {"cand/s, one call of K":>22} {"cand/s, K calls of 1":>21} {"speed-up":>9} '
         f'{"peak memory":>12}')
   for k in ks:
-    batched = evaluator(k)
-    first = timed(lambda: batched(*bench.candidates(k)))
+    batched = single if k == 1 else evaluator(k)
+    first = compile_1 if k == 1 else timed(lambda: batched(*bench.candidates(k)))
     a, b = bench.candidates(k)
     t_k = timed(lambda: batched(a, b))
     n = min(k, 4)

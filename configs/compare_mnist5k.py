@@ -8,12 +8,14 @@ runs/compare/baseline). PIC-PQ's search is the demo's (32 evaluations at keep_fr
 fine-tuning: 1 epoch full precision with masks, then 1 epoch with weights and activations quantized
 (cosine, best validation epoch kept); CoDeQ's training is its quantization-aware training, so it trains
 2 epochs itself instead; DJPQ trains its gates and steps for 2 epochs before the shared fine-tuning.
-Each row spans about 15x to 150x fewer BOPs than the dense FP32 model.
+The settings ask for about 15x to 150x fewer BOPs than the dense FP32 model (in two epochs CoDeQ reaches
+15x, 16-34x counting its zero weights, and DJPQ 38-56x: README, "Comparing methods").
 
 Whose choices (each method's own provenance is in its module and in comparison.md): the rows, the settings,
-the shared 2-epoch fine-tuning (so that the whole comparison takes under an hour on 2 CPU cores), quantized activations for CoDeQ (8 bits) and OPQ-style (8, 6, 4 bits with
-its three budgets) are ours: both publish 32-bit activations, at which their BOPs could not pass 4x to 8x,
-so the table would compare them only on weight bits.
+the shared 2-epoch fine-tuning (so that the whole comparison takes under an hour on 2 CPU cores), quantized
+activations for CoDeQ (8 bits) and OPQ-style (8, 6, 4 bits with its three budgets) are ours: both publish
+32-bit activations, at which their BOPs could not pass 4x to 8x, so the table would compare them only on
+weight bits.
 
   --config.compare.seeds=3   repeats every fine-tuning with 3 seeds and shows mean ± standard deviation;
   --config.compare.order="('picpq', 'uniform')"   runs only those rows.
