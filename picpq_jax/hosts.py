@@ -7,7 +7,9 @@ How a run becomes multi-process (the conventions of JAX and big_vision; `initial
   PICPQ_DISTRIBUTED=auto   jax.distributed.initialize() finds the cluster itself (Cloud TPU pods, SLURM,
       Open MPI).
   neither                  one process (every helper below is then the identity or a no-op).
-PICPQ_INIT_TIMEOUT (seconds, default 120): how long the processes wait for each other to connect.
+PICPQ_INIT_TIMEOUT (seconds, default 120): how long the processes wait for each other to connect. In the
+explicit mode they first meet at the coordinator's port (`rendezvous`), so that a missing process, differing
+counts or a repeated id is one sentence on every process instead of a fatal error inside XLA's runtime.
 
 What is sharded (the README's "Scale"): a global batch of B images is split by rows, process p reading
 only rows [p B / N, (p + 1) B / N) (`process_rows`), and the global array is assembled from the local

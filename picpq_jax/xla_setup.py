@@ -12,6 +12,9 @@ faster there, so the setting depends on what the CPU is (`cpu_isa`, from /proc/c
 
 `--xla_cpu_use_onednn=true` with the oneDNN fusion types gave WRONG gradients: never enable it. The
 settings are xla_cpu_* flags, which accelerator backends ignore; a user's own XLA_FLAGS always win.
+
+`use_compile_cache` (any backend, any time before the compiles it should serve): XLA's persistent cache of
+compiled programs, for jobs that compile the same programs again (compare.py's runs).
 """
 from __future__ import annotations
 
