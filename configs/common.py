@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.download = False  # nothing downloads unless asked: offline machines would hang in tfds
   c.data.val_size = 5000  # held out from the training split; the test split is never used for choices
   c.data.test_size = 500  # mnist5k only (the other datasets have their own test split)
+  c.data.train_size = ml_collections.FieldReference(None, field_type=int)  # mnist5k only; None: all the rest
   c.data.augment = 'crop_flip'
   c.data.image_size = 32
   c.data.seed = 0

@@ -21,6 +21,7 @@ Config (`data_cfg`, an ml_collections.ConfigDict; see `default_data_config`):
   download    bool; only when True may tfds download and prepare a missing dataset
   val_size    images held out from the training split for validation
   test_size   mnist5k only: images of the 5,000 used as the test split
+  train_size  mnist5k only: images used for training (None: all the others; fewer make fast tests)
   augment     'crop_flip' | 'crop' | 'imagenet' | 'none' (applied only when iterating with train=True)
   image_size  side of the square images handed to the model (32; 224 for ImageNet)
   seed        seed of the validation hold-out and, by default, of shuffling and augmentation
@@ -111,7 +112,7 @@ def default_data_config(name: str = 'mnist5k') -> ml_collections.ConfigDict:
   spec = _spec(name)
   return ml_collections.ConfigDict(dict(
       name=name, data_dir=None, download=False, val_size=spec.default_val_size,
-      test_size=_MNIST5K_DEFAULT_TEST_SIZE, augment=spec.default_augment,
+      test_size=_MNIST5K_DEFAULT_TEST_SIZE, train_size=None, augment=spec.default_augment,
       image_size=spec.default_image_size, seed=0))
 
 
@@ -140,6 +141,7 @@ def _settings(data_cfg) -> dict:
       download=bool(_get(data_cfg, 'download', False)),
       val_size=int(_get(data_cfg, 'val_size', spec.default_val_size)),
       test_size=int(_get(data_cfg, 'test_size', _MNIST5K_DEFAULT_TEST_SIZE)),
+      train_size=_get(data_cfg, 'train_size', None),
       augment=_get(data_cfg, 'augment', spec.default_augment),
       image_size=int(_get(data_cfg, 'image_size', spec.default_image_size)),
       seed=int(_get(data_cfg, 'seed', 0)))
@@ -161,6 +163,14 @@ def _settings(data_cfg) -> dict:
   if name == 'mnist5k' and (s['test_size'] < 0 or s['test_size'] + s['val_size'] >= MNIST5K_SIZE):
     raise ValueError(f'data.test_size={s["test_size"]} and data.val_size={s["val_size"]} must be >= 0 and '
                      f'leave some of the {MNIST5K_SIZE} mnist5k images for training; use 500 and 500.')
+  if s['train_size'] is not None:
+    left = MNIST5K_SIZE - s['test_size'] - s['val_size']
+    if name != 'mnist5k':
+      raise ValueError(f'data.train_size={s["train_size"]!r} is for mnist5k only; for data.name={name!r} leave it '
+                       'None (the whole training split less data.val_size).')
+    if isinstance(s['train_size'], bool) or not isinstance(s['train_size'], int) or not 0 < s['train_size'] <= left:
+      raise ValueError(f'data.train_size={s["train_size"]!r} must be None or an integer in 1..{left} (the mnist5k '
+                       'images that data.test_size and data.val_size leave); use None for all of them.')
   return s
 
 
@@ -423,7 +433,8 @@ def _in_memory_split(s: dict, split: str) -> _InMemorySplit:
     # The file is sorted by label: permute before cutting it into test / validation / train.
     perm = _rng(s['seed'], _STREAM_SPLIT).permutation(MNIST5K_SIZE)
     t, v = s['test_size'], s['val_size']
-    index = {'test': perm[:t], 'validation': perm[t:t + v], 'train': perm[t + v:]}[split]
+    end = MNIST5K_SIZE if s['train_size'] is None else t + v + s['train_size']
+    index = {'test': perm[:t], 'validation': perm[t:t + v], 'train': perm[t + v:end]}[split]
     return _InMemorySplit(images, labels, index)
   if split == 'test':
     images, labels = _tfds_arrays(s, 'test')

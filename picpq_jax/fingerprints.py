@@ -125,12 +125,16 @@ def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any
     for part in key.split('.'):
       value = value.get(part) if isinstance(value, Mapping) else None
     out.update(_leaves(key, value))
-  out = {k: v for k, v in out.items() if _counts(k)}
+  out = {k: v for k, v in out.items() if _counts(k) and not (k in ADDED_LATER and v == ADDED_LATER[k])}
   for key, file in BY_CONTENT.items():
     if out.get(key):
       out[key] = _content(str(out[key]), file)
   return out
 
+
+# Settings added after runs were recorded, left out of the record while at these defaults (which change
+# nothing), so that run directories made before them still resume.
+ADDED_LATER = {'data.train_size': None}
 
 # Settings that name another run directory whose result this stage reads: what counts is that result, not
 # where it lives (a comparison directory moved or copied elsewhere still resumes).

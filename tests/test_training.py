@@ -114,7 +114,8 @@ def test_train_step_distills_from_the_teacher():
 
 def tiny_config():
   c = demo_mnist5k.get_config()
-  c.data.test_size = 4300  # leaves 500 training images: 3 steps of 128 per epoch
+  c.data.test_size = 500
+  c.data.train_size = 500  # 3 steps of 128 per epoch
   c.data.val_size = 200
   c.train.epochs = 2
   c.train.eval_batch_size = 100
