@@ -39,16 +39,17 @@ def test_zero_pruned_weights_hand_example():
 @pytest.mark.slow
 def test_finetune_stages_keep_pruned_weights_zero(tmp_path):
   config = tiny_config()
+  config.model.arch = 'resnet8'
   config.train.epochs = 1
   config.finetune.fp_epochs, config.finetune.act_epochs, config.finetune.weight_act_epochs = 1, 1, 2
   config.finetune.eval_batch_size = 100
   workdir = str(tmp_path)
   model, info = pipeline.build_model(config)
-  topo = topology.get_topology('resnet20', 10, 32, 1)
+  topo = topology.get_topology('resnet8', 10, 32, 1)
   pipeline.train_baseline(config, workdir)
   masks = random_masks(topo, np.random.default_rng(1))
   bits = {l.name: (32 if l.source is None else 4) for l in topo.layers}
-  policy = policy_lib.from_masks_and_bits('resnet20', 'mnist5k', 'picpq', masks, bits)
+  policy = policy_lib.from_masks_and_bits('resnet8', 'mnist5k', 'picpq', masks, bits)
   result = methods.Result(policy=policy, model=model)
   tuned = pipeline.finetune(config, workdir, topo, result)
   assert list(tuned['stages']) == ['finetune_fp', 'finetune_act', 'finetune_weight_act']

@@ -155,7 +155,8 @@ def test_bad_search_settings_stop_before_any_work(override, needle):
 
 def search_command(workdir, *extra):
   return [sys.executable, 'search.py', '--config', 'configs/demo_mnist5k.py', '--workdir', str(workdir),
-          '--config.train.epochs=1', '--config.data.test_size=500', '--config.data.train_size=500',
+          '--config.model.arch=resnet8', '--config.train.epochs=1', '--config.data.test_size=500',
+          '--config.data.train_size=500',
           '--config.data.val_size=200', '--config.train.eval_batch_size=100', '--config.search.val_batch_size=100',
           '--config.search.population=6', '--config.search.tournament=3', '--config.search.total_evaluations=14',
           '--config.search.num_children=2', '--config.search.tau=2', '--config.search.calibration_batches=1',

@@ -6,6 +6,7 @@ from picpq_jax.models.net import Net
 from picpq_jax.models.spec import ArchSpec, BlockSpec, ConvSpec, DenseSpec
 
 _BUILDERS = {
+    'resnet8': lambda **kw: resnet_cifar.build_spec(8, **kw),  # the family's smallest: fast end-to-end tests
     'resnet20': lambda **kw: resnet_cifar.build_spec(20, **kw),
     'resnet56': lambda **kw: resnet_cifar.build_spec(56, **kw),
     'resnet110': lambda **kw: resnet_cifar.build_spec(110, **kw),

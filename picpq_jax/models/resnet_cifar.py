@@ -1,4 +1,4 @@
-"""CIFAR ResNet-20/56/110 (He et al. 2016, option-A shortcuts) as an `ArchSpec`.
+"""CIFAR ResNet-8/20/56/110 (He et al. 2016, option-A shortcuts) as an `ArchSpec`.
 
 Stem 3x3 conv 16, three stages of n basic blocks at 16/32/64 channels (n = (depth - 2) / 6), stride 2 on the
 first conv of stages 2 and 3, ReLU after the residual add. The option-A shortcut adds the block input
@@ -18,7 +18,7 @@ STAGE_B_MAX = (8, 6, 4)
 
 def build_spec(depth: int, num_classes: int, image_size: int, in_channels: int) -> ArchSpec:
   if (depth - 2) % 6:
-    raise ValueError(f'CIFAR ResNet depth must be 6n + 2 (20, 56, 110), got {depth}.')
+    raise ValueError(f'CIFAR ResNet depth must be 6n + 2 (8, 20, 56, 110), got {depth}.')
   n = (depth - 2) // 6
   size = image_size
   convs = [ConvSpec('stem', in_channels, WIDTHS[0], 3, 1, size, size, source=None, b_max=STEM_B_MAX)]
