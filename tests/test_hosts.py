@@ -59,8 +59,8 @@ def _free_port() -> int:
 
 
 TINY = ['--config', 'configs/demo_mnist5k.py', '--config.model.arch=resnet8', '--config.train.epochs=1',
-        '--config.data.test_size=500', '--config.data.train_size=500', '--config.data.val_size=200', '--config.train.eval_batch_size=100',
-        '--config.search.val_batch_size=100',
+        '--config.data.test_size=500', '--config.data.train_size=500', '--config.data.val_size=200',
+        '--config.train.eval_batch_size=100', '--config.search.val_batch_size=100',
         '--config.search.population=4', '--config.search.tournament=2', '--config.search.total_evaluations=10',
         '--config.search.tau=2', '--config.search.calibration_batches=1', '--config.search.calibration_batch_size=32',
         '--config.finetune.fp_epochs=1', '--config.finetune.act_epochs=0', '--config.finetune.weight_act_epochs=0',
