@@ -69,11 +69,14 @@ def jax_variants(arch: str, batch: int, keep: float):
   out = {}
   for name in VARIANTS:
     m, v, mk = model, variables, None
-    if name == 'masked':
+    if name == 'masked':  # as the 'host' fitness runs it: the masks folded into BatchNorm
+      m = fitness.MasksInBatchNorm(model)
       mk = {k: jnp.asarray(x) for k, x in masks.items()}
-    elif name == 'sliced':
-      m = model.clone(spec=export.slim_spec(spec, keep_idx), parent=None)
-      v = export.slice_variables(spec, variables, keep_idx)
+    elif name == 'sliced':  # as the 'sliced' fitness runs it: widths rounded up, the padding masked
+      keep_r, slim_masks = fitness.round_up_widths(spec, keep_idx, fitness.SLICE_WIDTH_MULTIPLE)
+      m = fitness.MasksInBatchNorm(model.clone(spec=export.slim_spec(spec, keep_r), parent=None))
+      v = export.slice_variables(spec, variables, keep_r)
+      mk = {k: jnp.asarray(x) for k, x in slim_masks.items()}
     state = jax.device_put(fns.start(jax.tree.map(lambda x: np.array(x, copy=True), v)), jax.devices()[0])
     step = jax.jit(training.make_train_step(m, fns.tx), donate_argnums=0)
     out[name] = (step, state, data, mk)

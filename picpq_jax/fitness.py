@@ -19,9 +19,12 @@ by one group:
   'sliced'  (CPU) only what the plan keeps: each candidate's kept channels are cut out of the baseline by the
             export's slicing (export.slice_variables / slim_spec), and the slimmed network is fine-tuned and
             validated, one candidate after another on one device, with the same tau steps on the same
-            batches. Its train and validation steps are compiled once per distinct set of layer widths
-            (`SlimPrograms`, a cache), so candidates keeping as many channels in every layer share them;
-            in a search nearly every candidate has widths of its own and compiles. Its losses equal the
+            batches. Each layer's width is rounded up to a multiple of SLICE_WIDTH_MULTIPLE with pruned
+            channels that stay masked (`round_up_widths`): XLA's CPU code runs odd widths no faster than
+            the next multiple of 8 and compiles them slower. Its train and validation steps are compiled
+            once per distinct set of rounded widths (`SlimPrograms`, a cache), so candidates keeping about
+            as many channels in every layer share them; in a search most candidates still have widths of
+            their own and compile. Its losses equal the
             masked modes' to float32 rounding (tests/test_fitness_sliced.py; `PopulationFitness.sliced_loss`
             says why BatchNorm and the optimizer agree). Not with search.quantize (the weight quantizer's
             scale reads the pruned filters too).
@@ -56,6 +59,11 @@ EVAL_MODES = ('auto', 'vmap', 'map', 'host', 'sliced')
 # 'auto' on a CPU: 'sliced' from this many fine-tune steps on (see the module docstring), else 'host'.
 SLICED_MIN_TAU = 50
 SLIM_CACHE_SIZE = 8  # compiled slim networks kept (each a train step and a validation step)
+# The 'sliced' mode's layer widths are rounded up to a multiple of this (`round_up_widths`). Measured on a
+# 2-core AMD EPYC (AVX2), ResNet-56 at 45 % of the FLOPs, batch 128, one core, paired in one process (6
+# rounds): exact widths (1,463 channels) compile their train step in 31.3 s, rounded to 8 (1,544) in 19.7 s;
+# the step takes 0.986x the exact widths' CPU time and the validation step 0.93x.
+SLICE_WIDTH_MULTIPLE = 8
 
 
 def resolve_eval_mode(mode: str, backend: Optional[str] = None, tau: Optional[int] = None,
@@ -93,6 +101,25 @@ def fold_masks(params: Mapping[str, Any], masks: Mapping[str, Any]) -> dict:
     bn['scale'], bn['bias'] = bn['scale'] * m, bn['bias'] * m
     out[name] = dict(out[name], bn=bn)
   return out
+
+
+def round_up_widths(spec: ArchSpec, keep: Mapping[str, np.ndarray], multiple: int
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Each layer's kept channels (export.kept_indices) padded with its first pruned ones up to a multiple of
+  `multiple` (at most the layer's width), and the masks that keep the padding pruned in the slim network.
+
+  Returns (keep, masks): layer -> sorted channel indices; layer -> (len(keep),) float32, 1 where the channel
+  was kept, 0 where it pads. Layers with equal plans (a chain, a depthwise conv and its source) get equal
+  padding, as slim_spec requires.
+  """
+  out, masks = {}, {}
+  for c in spec.convs:
+    kept = np.asarray(keep[c.name])
+    width = min(-(-len(kept) // multiple) * multiple, c.out_channels)
+    padding = np.setdiff1d(np.arange(c.out_channels), kept)[:width - len(kept)]
+    out[c.name] = np.sort(np.concatenate([kept, padding])).astype(kept.dtype)
+    masks[c.name] = np.isin(out[c.name], kept).astype(np.float32)
+  return out, masks
 
 
 class MasksInBatchNorm:
@@ -170,8 +197,9 @@ class SlimPrograms:
   """The compiled train step and validation step of the slimmed network, one pair per distinct set of layer
   widths, so that candidates keeping as many channels in every layer share one compiled pair.
 
-  programs(slim_spec) -> (step, validate): step(state, batch) -> (state, metrics) (the state is donated),
-  validate(variables, batch) -> {'loss', 'correct', 'count'} sums; `slim_spec` (export.slim_spec) is
+  programs(slim_spec) -> (step, validate): step(state, batch, masks) -> (state, metrics) (the state is
+  donated), validate(variables, batch, masks) -> {'loss', 'correct', 'count'} sums, the masks (of the slim
+  widths; `round_up_widths`) folded into BatchNorm as the masked modes do; `slim_spec` (export.slim_spec) is
   hashable and equal exactly when the widths are. The `capacity` most recently used pairs are kept.
   `built` counts the pairs built (tests; progress).
   """
@@ -185,7 +213,7 @@ class SlimPrograms:
     if slim in self._cache:
       self._cache[slim] = self._cache.pop(slim)  # most recently used last
       return self._cache[slim]
-    model = self._model.clone(spec=slim, parent=None)  # the same module settings, fewer channels
+    model = MasksInBatchNorm(self._model.clone(spec=slim, parent=None))  # the same settings, fewer channels
     pair = (jax.jit(training.make_train_step(model, self._tx), donate_argnums=0),
             jax.jit(training.make_eval_step(model)))
     self._cache[slim] = pair
@@ -305,14 +333,16 @@ class PopulationFitness:
     adds nothing downstream and its own weights never reach a kept channel (their gradients are zero; weight
     decay and momentum act on each parameter alone); BatchNorm statistics are per channel, so those of a
     kept channel are computed from the same values in both; the slim conv reads the kept inputs only, and
-    the masked one reads zeros elsewhere.
+    the masked one reads zeros elsewhere. The channels that round the widths up are masked as in the
+    masked modes, so the same holds for them.
     """
-    keep = export.kept_indices(self._spec, masks)
+    keep, slim_masks = round_up_widths(self._spec, export.kept_indices(self._spec, masks), SLICE_WIDTH_MULTIPLE)
     step, validate = self.slim_programs(export.slim_spec(self._spec, keep))
     state = _on_device(self.fns.start(export.slice_variables(self._spec, self._baseline, keep)), self._device)
+    slim_masks = jax.device_put(slim_masks, self._device)
     for batch in self._train_list:
-      state = self._timed(step, state, batch)[0]
-    sums = [validate(state.variables, batch) for batch in self._val_list]
+      state = self._timed(step, state, batch, slim_masks)[0]
+    sums = [validate(state.variables, batch, slim_masks) for batch in self._val_list]
     total = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))
     return float(total['loss']) / float(total['count'])
 

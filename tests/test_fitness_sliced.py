@@ -62,6 +62,53 @@ def test_sliced_losses_equal_masked_losses_one_compile_per_widths():
   assert evaluate.slim_programs.built == 1
 
 
+def test_round_up_widths_pads_with_the_first_pruned_channels():
+  spec = resnet_cifar.build_spec(8, num_classes=10, image_size=SIZE, in_channels=1)
+  keep = {c.name: np.arange(c.out_channels) for c in spec.convs}  # unpruned layers stay as they are
+  pruned, full = spec.convs[1].name, spec.convs[0].name  # a 16-channel conv1, the 16-channel stem
+  keep[pruned] = np.array([1, 4, 6, 9, 10])
+  padded, masks = fitness.round_up_widths(spec, keep, 4)
+  np.testing.assert_array_equal(padded[pruned], [0, 1, 2, 3, 4, 6, 9, 10])  # 5 -> 8 with pruned 0, 2, 3
+  np.testing.assert_array_equal(masks[pruned], [0, 1, 0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(padded[full], np.arange(16))
+  np.testing.assert_array_equal(masks[full], np.ones(16))
+  keep[pruned] = np.arange(15)
+  padded, masks = fitness.round_up_widths(spec, keep, 32)  # never past the layer's own width
+  np.testing.assert_array_equal(padded[pruned], np.arange(16))
+  np.testing.assert_array_equal(masks[pruned], np.r_[np.ones(15), 0])
+
+
+def test_rounded_widths_give_the_exact_widths_losses(monkeypatch):
+  """The channels that round the widths up stay masked: the losses with widths rounded to 8 equal those
+  of the exact widths and of the masked mode, and two plans of different widths that round alike share
+  one compiled step."""
+  fns, variables, train, val = setup_resnet8()
+  rng = np.random.default_rng(5)
+  n = len(fns.model.spec.convs)
+  a = np.exp(rng.normal(size=(64, n))).astype(np.float32)
+  b = rng.normal(0, 2, size=(64, n)).astype(np.float32)
+  masks, info = jax.device_get(jax.vmap(fns.prune)(a, b))
+  widths = np.stack([m.sum(axis=1) for m in masks.values()], axis=1)
+  rounded = -(-widths // 8) * 8
+  pair = None
+  for i in np.flatnonzero(info['reached']):
+    other = np.flatnonzero(np.all(rounded == rounded[i], axis=1) & np.any(widths != widths[i], axis=1)
+                           & info['reached'])
+    if other.size and np.any(widths[i] % 8):
+      pair = [i, other[0]]
+      break
+  assert pair is not None, 'no two plans of different widths that round alike among the candidates drawn'
+  host = fitness.PopulationFitness(fns, variables, train, val, mode='host')(a[pair], b[pair])
+  rounded_eval = fitness.PopulationFitness(fns, variables, train, val, mode='sliced', chunk_size=2)
+  out8 = rounded_eval(a[pair], b[pair])
+  monkeypatch.setattr(fitness, 'SLICE_WIDTH_MULTIPLE', 1)
+  exact_eval = fitness.PopulationFitness(fns, variables, train, val, mode='sliced', chunk_size=2)
+  out1 = exact_eval(a[pair], b[pair])
+  np.testing.assert_allclose(out8['loss'], host['loss'], rtol=1e-5)
+  np.testing.assert_allclose(out1['loss'], host['loss'], rtol=1e-5)
+  assert rounded_eval.slim_programs.built == 1 and exact_eval.slim_programs.built == 2
+
+
 def test_unreached_target_fails_without_compiling():
   fns, variables, train, val = setup_resnet8(keep_fraction=0.01)  # below what the safeguard allows
   evaluate = fitness.PopulationFitness(fns, variables, train, val, mode='sliced')
