@@ -89,12 +89,13 @@ def test_rounded_widths_give_the_exact_widths_losses(monkeypatch):
   b = rng.normal(0, 2, size=(64, n)).astype(np.float32)
   masks, info = jax.device_get(jax.vmap(fns.prune)(a, b))
   widths = np.stack([m.sum(axis=1) for m in masks.values()], axis=1)
-  rounded = -(-widths // 8) * 8
+  multiple = fitness.SLICE_WIDTH_MULTIPLE
+  rounded = -(-widths // multiple) * multiple
   pair = None
   for i in np.flatnonzero(info['reached']):
     other = np.flatnonzero(np.all(rounded == rounded[i], axis=1) & np.any(widths != widths[i], axis=1)
                            & info['reached'])
-    if other.size and np.any(widths[i] % 8):
+    if other.size and np.any(widths[i] % multiple):
       pair = [i, other[0]]
       break
   assert pair is not None, 'no two plans of different widths that round alike among the candidates drawn'
