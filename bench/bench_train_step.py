@@ -11,16 +11,21 @@ skipped with a message. The plan: the filter properties are random, (a, b) = (1,
 --keep (0.45, the original's ResNet-56 setting).
 
 Settings: 'default' (no XLA_FLAGS) and 'fast' (xla_setup.FAST_CPU_FLAGS); the header says which one
-xla_setup.cpu_flags() picks for this CPU. `--isa AVX` (etc.) adds `--xla_cpu_max_isa=AVX` to each setting: XLA then emits code for that
+xla_setup.cpu_flags() picks for this CPU. `--memory kept` (the default: what every entry point does,
+xla_setup.keep_freed_memory) or `returned` (glibc's default: XLA's per-step buffers mapped afresh and faulted
+in every step), also one process each; each prints its minor page faults per step. `--isa AVX` (etc.) adds `--xla_cpu_max_isa=AVX` to each setting: XLA then emits code for that
 instruction set only, to measure a lower path on a machine that has a higher one.
 
   TORCH_PYTHON=/tmp/torchvenv/bin/python .venv/bin/python bench/bench_train_step.py
   TORCH_PYTHON=... .venv/bin/python bench/bench_train_step.py --cores 0 --cpu-time --settings fast   # one core
   .venv/bin/python bench/bench_train_step.py --arch resnet20 --rounds 3 --isa native AVX
+  .venv/bin/python bench/bench_train_step.py --settings fast --memory kept returned
 """
 import argparse
+import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -85,6 +90,9 @@ def jax_variants(arch: str, batch: int, keep: float):
 
 
 def child(args) -> None:
+  from picpq_jax import xla_setup  # pylint: disable=g-import-not-at-top
+  if args.memory == ['kept']:  # a child is given one
+    xla_setup.keep_freed_memory()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch_worker  # pylint: disable=g-import-not-at-top
@@ -105,16 +113,18 @@ def child(args) -> None:
       workers[name] = torch_worker.TorchWorker.start()
       workers[name].call('setup', widths=w, batch=args.batch)
       workers[name].call('steps', n=1)  # warm-up
-  rounds = []
+  rounds, faults = [], {name: [] for name in variants}
   for _ in range(args.rounds):
     r = {}
     for name, (step, _, data, mk) in variants.items():
       times = []
       for _ in range(args.steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = tick()
         states[name], m = step(states[name], data, mk)
         jax.block_until_ready(m)
         times.append(tick() - t0)
+        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
       r[name] = float(np.median(times))
     for name, w in workers.items():
       r[name] = float(np.median(w.call('steps', n=args.steps, clock=clock)['times']))
@@ -123,7 +133,8 @@ def child(args) -> None:
   for w in workers.values():
     version = w.version
     w.close()
-  print(json.dumps({'rounds': rounds, 'compile_s': compile_s, 'widths': widths, 'torch': version}))
+  print(json.dumps({'rounds': rounds, 'compile_s': compile_s, 'widths': widths, 'torch': version,
+                    'faults': {k: float(np.median(v)) for k, v in faults.items()}}))
 
 
 def median_ratio(rounds, a, b):
@@ -144,6 +155,8 @@ def main():
                       'as many threads; a loaded machine hurts multi-threaded runs unevenly')
   parser.add_argument('--cpu-time', action='store_true', help='CPU seconds per step (with --cores 0: one core '
                       'each, steady under load) instead of wall seconds')
+  parser.add_argument('--memory', nargs='+', default=['kept'], choices=['kept', 'returned'],
+                      help="'kept': xla_setup.keep_freed_memory, as the entry points run; 'returned': glibc's default")
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--torch', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -162,39 +175,39 @@ def main():
     print(torch_worker.skip_message())
   flags = {'default': '', 'fast': xla_setup.FAST_CPU_FLAGS}
   results = {}
-  for isa in args.isa:
-    for setting in args.settings:
-      f = flags[setting] + ('' if isa == 'native' else f' --xla_cpu_max_isa={isa}')
-      with_torch = have_torch and setting == 'fast' and isa == args.isa[0]
-      env = dict(os.environ, XLA_FLAGS=f.strip(), TF_CPP_MIN_LOG_LEVEL='3')
-      pin = []
-      if args.cores:
-        pin = ['taskset', '-c', args.cores]
-        env['TORCH_THREADS'] = str(len(args.cores.split(',')))
-      argv = pin + [sys.executable, __file__, '--child', '--arch', args.arch, '--batch', str(args.batch), '--steps',
-              str(args.steps), '--rounds', str(args.rounds), '--keep', str(args.keep)] + (['--torch'] * with_torch) + (
-                  ['--cpu-time'] * args.cpu_time)
-      out = subprocess.run(argv, env=env, capture_output=True, text=True)
-      if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-      r = json.loads(out.stdout.strip().splitlines()[-1])
-      results[(isa, setting)] = r
-      med = {k: float(np.median([x[k] for x in r['rounds']])) for k in r['rounds'][0]}
-      print(f'\n[{isa} ISA, XLA setting {setting!r}: XLA_FLAGS={f.strip()!r}]')
-      for k, v in med.items():
-        extra = f'  compile+first {r["compile_s"][k]:.1f} s' if k in r['compile_s'] else ''
-        print(f'  {k:<13} {v * 1e3:8.0f} ms/step{extra}')
-      print(f'  masked / dense {median_ratio(r["rounds"], "masked", "dense"):.3f}   '
-            f'sliced / dense {median_ratio(r["rounds"], "sliced", "dense"):.3f}')
-      if r['torch']:
-        print(f'  PyTorch {r["torch"]}: ours / PyTorch, dense {median_ratio(r["rounds"], "dense", "torch dense"):.3f}'
-              f'   sliced {median_ratio(r["rounds"], "sliced", "torch sliced"):.3f}   '
-              f'(PyTorch sliced / dense {median_ratio(r["rounds"], "torch sliced", "torch dense"):.3f})')
-  for isa in args.isa:
-    if (isa, 'default') in results and (isa, 'fast') in results:
-      d = np.median([x['dense'] for x in results[(isa, 'default')]['rounds']])
-      f = np.median([x['dense'] for x in results[(isa, 'fast')]['rounds']])
-      print(f'{isa} ISA: default / fast dense step {d / f:.2f} (separate processes, not paired)')
+  for isa, setting, memory in itertools.product(args.isa, args.settings, args.memory):
+    f = flags[setting] + ('' if isa == 'native' else f' --xla_cpu_max_isa={isa}')
+    with_torch = have_torch and setting == 'fast' and isa == args.isa[0]
+    env = dict(os.environ, XLA_FLAGS=f.strip(), TF_CPP_MIN_LOG_LEVEL='3')
+    pin = []
+    if args.cores:
+      pin = ['taskset', '-c', args.cores]
+      env['TORCH_THREADS'] = str(len(args.cores.split(',')))
+    argv = pin + [sys.executable, __file__, '--child', '--arch', args.arch, '--batch', str(args.batch), '--steps',
+            str(args.steps), '--rounds', str(args.rounds), '--keep', str(args.keep), '--memory', memory] + (
+                ['--torch'] * with_torch) + (['--cpu-time'] * args.cpu_time)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if out.returncode:
+      raise RuntimeError(out.stderr[-3000:])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    results[(isa, setting, memory)] = r
+    med = {k: float(np.median([x[k] for x in r['rounds']])) for k in r['rounds'][0]}
+    print(f'\n[{isa} ISA, XLA setting {setting!r}: XLA_FLAGS={f.strip()!r}; freed memory {memory}]')
+    for k, v in med.items():
+      extra = f'  compile+first {r["compile_s"][k]:.1f} s' if k in r['compile_s'] else ''
+      extra += f'  {r["faults"][k]:,.0f} page faults/step' if k in r['faults'] else ''
+      print(f'  {k:<13} {v * 1e3:8.0f} ms/step{extra}')
+    print(f'  masked / dense {median_ratio(r["rounds"], "masked", "dense"):.3f}   '
+          f'sliced / dense {median_ratio(r["rounds"], "sliced", "dense"):.3f}')
+    if r['torch']:
+      print(f'  PyTorch {r["torch"]}: ours / PyTorch, dense {median_ratio(r["rounds"], "dense", "torch dense"):.3f}'
+            f'   sliced {median_ratio(r["rounds"], "sliced", "torch sliced"):.3f}   '
+            f'(PyTorch sliced / dense {median_ratio(r["rounds"], "torch sliced", "torch dense"):.3f})')
+  for isa, memory in itertools.product(args.isa, args.memory):
+    if (isa, 'default', memory) in results and (isa, 'fast', memory) in results:
+      d = np.median([x['dense'] for x in results[(isa, 'default', memory)]['rounds']])
+      f = np.median([x['dense'] for x in results[(isa, 'fast', memory)]['rounds']])
+      print(f'{isa} ISA, memory {memory}: default / fast dense step {d / f:.2f} (separate processes, not paired)')
   print('reproduce: ' + ' '.join(['.venv/bin/python', 'bench/bench_train_step.py'] + sys.argv[1:]))
 
 

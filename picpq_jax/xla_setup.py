@@ -15,10 +15,15 @@ settings are xla_cpu_* flags, which accelerator backends ignore; a user's own XL
 
 `use_compile_cache` (any backend, any time before the compiles it should serve): XLA's persistent cache of
 compiled programs, for jobs that compile the same programs again (compare.py's runs).
+
+`keep_freed_memory` (run by configure_cpu): glibc keeps what the process frees for its next allocations, so
+XLA's per-execution temporary buffers stop being mapped and faulted in afresh on every step.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 
 FAST_CPU_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise'
 # The CPU kinds, widest vector instructions first (cpu_isa), and the XLA flags measured best on each.
@@ -51,12 +56,43 @@ def cpu_flags(isa: str | None = None) -> str:
   return FLAGS_BY_ISA[isa or cpu_isa()]
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_freed_memory() -> bool:
+  """Make glibc keep the memory this process frees for its next allocations; True where it was set.
+
+  Why: XLA's CPU runtime allocates each execution's temporary buffer afresh from its worker threads (1.1 GB
+  for a ResNet-56 train step at batch 128). glibc serves a thread's allocation that large with a mapping of
+  its own and unmaps it when freed, so every step faults every page of it in again: 268k minor page faults
+  per step, 0.6 of the 3.3 s of a one-core sliced step on a 2-core AMD EPYC (bench/bench_train_step.py
+  --memory). With one arena (threads allocate from the main heap, which may grow past any size), no mapped
+  chunks and no trimming, the buffer freed by one step is the next step's, already in memory. The price:
+  the process holds on to its peak heap until it exits, which a training job reaches again every step.
+
+  Nothing is changed where the C library is not glibc, or where the user set glibc's MALLOC_ARENA_MAX (their
+  setting wins). Must run before JAX starts its threads: a thread keeps the arena it first allocated from.
+  """
+  if 'MALLOC_ARENA_MAX' in os.environ or platform.libc_ver()[0] != 'glibc':
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  # -1 as the trim threshold: never give the top of the heap back (man mallopt).
+  return all([mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))])
+
+
 def configure_cpu(device_count: int | None = None) -> str:
-  """Set XLA_FLAGS to this CPU's settings unless the user set XLA_FLAGS; returns the flags in effect.
+  """Keep freed memory (`keep_freed_memory`) and set XLA_FLAGS to this CPU's settings unless the user set
+  XLA_FLAGS; returns the flags in effect.
 
   device_count: fake this many CPU devices (tests and scaling checks of the sharded code).
   Must run before the first JAX computation; later calls change nothing that JAX has already read.
   """
+  keep_freed_memory()
   if 'XLA_FLAGS' in os.environ:
     return os.environ['XLA_FLAGS']
   flags = cpu_flags()

@@ -8,8 +8,9 @@ import tempfile
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Must be set before JAX initializes its backend; 4 fake devices serve the data-parallel tests and cost
 # nothing to tests that use one.
+from picpq_jax import xla_setup  # noqa: E402
+xla_setup.keep_freed_memory()  # as every entry point has it, whatever XLA_FLAGS the run was given
 if 'XLA_FLAGS' not in os.environ:
-  from picpq_jax import xla_setup  # noqa: E402
   xla_setup.configure_cpu(device_count=4)
 
 # The tests compile the same tiny-model steps many times (each training builds its steps afresh): one XLA
