@@ -66,7 +66,7 @@ def keep_freed_memory() -> bool:
   Why: XLA's CPU runtime allocates each execution's temporary buffer afresh from its worker threads (1.1 GB
   for a ResNet-56 train step at batch 128). glibc serves a thread's allocation that large with a mapping of
   its own and unmaps it when freed, so every step faults every page of it in again: 268k minor page faults
-  per step, 0.6 of the 3.3 s of a one-core sliced step on a 2-core AMD EPYC (bench/bench_train_step.py
+  per step, 0.6 s of the 3.3 s of a one-core sliced step on a 2-core AMD EPYC (bench/bench_train_step.py
   --memory). With one arena (threads allocate from the main heap, which may grow past any size), no mapped
   chunks and no trimming, the buffer freed by one step is the next step's, already in memory. The price:
   the process holds on to its peak heap until it exits, which a training job reaches again every step.
