@@ -11,10 +11,11 @@ skipped with a message. The plan: the filter properties are random, (a, b) = (1,
 --keep (0.45, the original's ResNet-56 setting).
 
 Settings: 'default' (no XLA_FLAGS) and 'fast' (xla_setup.FAST_CPU_FLAGS); the header says which one
-xla_setup.cpu_flags() picks for this CPU. `--memory kept` (the default: what every entry point does,
-xla_setup.keep_freed_memory) or `returned` (glibc's default: XLA's per-step buffers mapped afresh and faulted
-in every step), also one process each; each prints its minor page faults per step. `--isa AVX` (etc.) adds `--xla_cpu_max_isa=AVX` to each setting: XLA then emits code for that
-instruction set only, to measure a lower path on a machine that has a higher one.
+xla_setup.cpu_flags() picks for this CPU. `--isa AVX` (etc.) adds `--xla_cpu_max_isa=AVX` to each setting:
+XLA then emits code for that instruction set only, to measure a lower path on a machine that has a higher one.
+`--memory kept` (the default: what every entry point does, xla_setup.keep_freed_memory) and/or `returned`
+(glibc's default: XLA's per-step buffers mapped afresh and faulted in every step), one process each; each
+variant prints its minor page faults per step.
 
   TORCH_PYTHON=/tmp/torchvenv/bin/python .venv/bin/python bench/bench_train_step.py
   TORCH_PYTHON=... .venv/bin/python bench/bench_train_step.py --cores 0 --cpu-time --settings fast   # one core

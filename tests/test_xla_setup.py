@@ -1,4 +1,5 @@
 """xla_setup.keep_freed_memory: a large buffer freed by one thread is the next one's, with no page faults."""
+import os
 import platform
 import subprocess
 import sys
@@ -31,7 +32,8 @@ PAGES = (64 << 20) // 4096  # 4 KiB pages; 32 of them where the kernel backs the
 
 
 def second_buffer_faults(memory: str) -> int:
-  out = subprocess.run([sys.executable, '-c', SCRIPT, memory], capture_output=True, text=True, check=True)
+  env = {k: v for k, v in os.environ.items() if k != 'MALLOC_ARENA_MAX'}  # which would turn the setting off
+  out = subprocess.run([sys.executable, '-c', SCRIPT, memory], capture_output=True, text=True, check=True, env=env)
   return int(out.stdout.split()[-1])
 
 
