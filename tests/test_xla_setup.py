@@ -28,7 +28,7 @@ for _ in range(2):
   t.join()
 print(faults[1])
 '''
-PAGES = (64 << 20) // 4096  # 4 KiB pages; 32 of them where the kernel backs the buffer with 2 MiB pages
+PAGES = (64 << 20) // 4096  # the buffer in 4 KiB pages (32 pages where the kernel backs it with 2 MiB ones)
 
 
 def second_buffer_faults(memory: str) -> int:
