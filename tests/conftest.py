@@ -1,5 +1,5 @@
-"""Test setup: fake CPU devices for the sharding tests, the fast XLA CPU settings, one compilation cache for
-the whole run, and quiet TF."""
+"""Test setup: fake CPU devices for the sharding tests, the fast XLA CPU settings and kept freed memory, one
+compilation cache for the whole run, and quiet TF."""
 import atexit
 import os
 import shutil
@@ -7,11 +7,10 @@ import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Must be set before JAX initializes its backend; 4 fake devices serve the data-parallel tests and cost
-# nothing to tests that use one.
+# nothing to tests that use one. As in every entry point, freed memory is kept whatever XLA_FLAGS a run has
+# (a user's XLA_FLAGS are left as they are).
 from picpq_jax import xla_setup  # noqa: E402
-xla_setup.keep_freed_memory()  # as every entry point has it, whatever XLA_FLAGS the run was given
-if 'XLA_FLAGS' not in os.environ:
-  xla_setup.configure_cpu(device_count=4)
+xla_setup.configure_cpu(device_count=4)
 
 # The tests compile the same tiny-model steps many times (each training builds its steps afresh): one XLA
 # compilation cache for the run, inherited by the pytest-xdist workers and by the entry points the tests start
