@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from picpq_jax import calibration, checkpoints, cost, data, fingerprints, methods, models, training
+from picpq_jax import calibration, checkpoints, cost, data, fingerprints, methods, models, training, xla_setup
 from picpq_jax import policy as policy_lib
 
 BASELINE = 'baseline'
@@ -125,7 +125,9 @@ def compress(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(config)
   fingerprints.prepare(workdir, config)
   baseline = train_baseline(config, workdir)
+  xla_setup.release_freed_memory()  # what the finished stage freed goes back to the system
   result = run_method(config, workdir)
+  xla_setup.release_freed_memory()
   topo = build_topology(config)
   tuned = (finetune(config, workdir, topo, result) if config.finetune.enabled
            else evaluate_method(config, workdir, result))
@@ -225,6 +227,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, topo, result: meth
                           train_cfg=stage_train_config(config, epochs), select_best=True, teacher=baseline,
                           **policy_lib.model_arguments(stage_policy))
     variables = load_stage_variables(config, workdir, name, 'finetune', best=True)
+    xla_setup.release_freed_memory()
     stages[name] = {'epochs': epochs, 'best_val_accuracy': fitted['best']['accuracy'],
                     'best_epoch': fitted['best']['epoch'] + 1, 'wall_time_s': fitted['wall_time_s']}
   summary = {'stages': stages, 'activation_scale': activation_scale,

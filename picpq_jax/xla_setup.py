@@ -4,7 +4,10 @@ By default XLA (jaxlib 0.10.2) sends convolutions to YNNPACK, whose conv weight 
 machines measured; keeping YNNPACK for element-wise fusions only (FAST_CPU_FLAGS) makes a ResNet train step
 faster there, so the setting depends on what the CPU is (`cpu_isa`, from /proc/cpuinfo's flags):
 
-  AVX-512  FAST_CPU_FLAGS: 1.3x the default's ResNet-56 train step (a 2-core Intel Xeon, issue #15).
+  AVX-512  FAST_CPU_FLAGS: 2.1x the default's ResNet-56 train step (dense, 887 against 1,901 ms; 2-core
+           Intel Xeon, 2026-12-02, bench/bench_train_step.py). Adding +reduce or +dot to the YNNPACK fusion
+           types, or --xla_cpu_prefer_vector_width=512, moved it by under 3 % (noise); without YNNPACK's
+           element-wise fusions (-eltwise) it took 1.36 s.
   AVX2     FAST_CPU_FLAGS: about 2x on ResNet-20/56 (2-core AMD EPYC, bench/bench_train_step.py).
   other    XLA's default: not measured (an x86 CPU without AVX2, or another architecture). Emulating AVX
            with --xla_cpu_max_isa=AVX on the AMD machine does not tell: that flag limits only the code XLA
@@ -17,11 +20,13 @@ settings are xla_cpu_* flags, which accelerator backends ignore; a user's own XL
 compiled programs, for jobs that compile the same programs again (compare.py's runs).
 
 `keep_freed_memory` (run by configure_cpu): glibc keeps what the process frees for its next allocations, so
-XLA's per-execution temporary buffers stop being mapped and faulted in afresh on every step.
+XLA's per-execution temporary buffers stop being mapped and faulted in afresh on every step;
+`release_freed_memory` (run between the stages of a run) gives the pages of what was freed back.
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import platform
 
@@ -69,8 +74,8 @@ def keep_freed_memory() -> bool:
   per step, 0.6 s of the 3.3 s of a one-core sliced step on a 2-core AMD EPYC (bench/bench_train_step.py
   --memory). With one arena (threads allocate from the main heap, which may grow past any size), no mapped
   chunks and no trimming, the buffer freed by one step is the next step's, already in memory. The price:
-  the process holds on to its peak heap until it exits, and buffers of different sizes fragment it (the
-  README's demo peaked at 6.7 GB resident against 2.5 GB with glibc's default).
+  the process holds on to its peak heap, and buffers of different sizes fragment it (the README's demo
+  peaked at 6.7 GB resident against 2.5 GB with glibc's default), until `release_freed_memory`.
 
   Nothing is changed where the C library is not glibc, or where the user set glibc's MALLOC_ARENA_MAX (their
   setting wins). Must run before JAX starts its threads: a thread keeps the arena it first allocated from.
@@ -84,6 +89,28 @@ def keep_freed_memory() -> bool:
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   # -1 as the trim threshold: never give the top of the heap back (man mallopt).
   return all([mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))])
+
+
+def release_freed_memory() -> bool:
+  """Give the pages of the heap's free memory back to the system (glibc's malloc_trim); True where it did.
+
+  Why: with `keep_freed_memory` nothing freed is ever returned, so a process would hold the largest heap
+  any earlier stage needed through every later one. Called between stages (pipeline.compress), it costs
+  one round of page faults per stage, not per step: the README's demo drops to 0.5 GB resident after its
+  baseline (from 2.5 GB) and to 0.7 GB after its search. It does not lower the peak, which the fine-tuning
+  stage reaches by itself (4.8 GB, against 2.3 GB with glibc's default; trimming after every epoch did not
+  lower it either). Python's unreachable objects are collected first, so that buffers held only by them
+  are freed before the trim.
+  """
+  gc.collect()
+  if platform.libc_ver()[0] != 'glibc':
+    return False
+  try:
+    malloc_trim = ctypes.CDLL(None).malloc_trim
+  except (OSError, AttributeError):
+    return False
+  malloc_trim.argtypes = (ctypes.c_size_t,)
+  return malloc_trim(0) == 1
 
 
 def configure_cpu(device_count: int | None = None) -> str:

@@ -1,4 +1,5 @@
-"""xla_setup.keep_freed_memory: a large buffer freed by one thread is the next one's, with no page faults."""
+"""xla_setup.keep_freed_memory: a large buffer freed by one thread is the next one's, with no page faults;
+xla_setup.release_freed_memory: the pages of a freed buffer go back to the system."""
 import os
 import platform
 import subprocess
@@ -48,3 +49,33 @@ def test_keep_freed_memory_leaves_a_users_malloc_setting(monkeypatch):
   from picpq_jax import xla_setup  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('MALLOC_ARENA_MAX', '4')
   assert not xla_setup.keep_freed_memory()
+
+
+# A 64 MiB buffer written, then a small one allocated after it (so the big one's memory is a hole inside the
+# heap, as a stage's buffers leave, not its top), the big one freed: prints the resident MiB before and after
+# release_freed_memory.
+RELEASE_SCRIPT = r'''
+import ctypes, os
+from picpq_jax import xla_setup
+assert xla_setup.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, (ctypes.c_void_p,)
+def resident_mib():
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+big = libc.malloc(64 << 20)
+ctypes.memset(big, 1, 64 << 20)
+small = libc.malloc(4096)
+libc.free(big)
+before = resident_mib()
+xla_setup.release_freed_memory()
+print(before, resident_mib())
+'''
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='release_freed_memory calls glibc malloc_trim')
+def test_release_freed_memory_returns_a_freed_hole_of_the_heap():
+  env = {k: v for k, v in os.environ.items() if k != 'MALLOC_ARENA_MAX'}
+  out = subprocess.run([sys.executable, '-c', RELEASE_SCRIPT], capture_output=True, text=True, check=True, env=env)
+  before, after = map(float, out.stdout.split()[-2:])
+  assert before - after > 60  # MiB: the 64 MiB hole, less the pages at its ends that share live chunks
