@@ -74,8 +74,8 @@ def keep_freed_memory() -> bool:
   per step, 0.6 s of the 3.3 s of a one-core sliced step on a 2-core AMD EPYC (bench/bench_train_step.py
   --memory). With one arena (threads allocate from the main heap, which may grow past any size), no mapped
   chunks and no trimming, the buffer freed by one step is the next step's, already in memory. The price:
-  the process holds on to its peak heap, and buffers of different sizes fragment it (the README's demo
-  peaked at 6.7 GB resident against 2.5 GB with glibc's default), until `release_freed_memory`.
+  the process holds on to its peak heap until `release_freed_memory` runs, and buffers of different sizes
+  fragment it (the README's demo peaked at 5.0-6.7 GB resident against 2.5 GB with glibc's default).
 
   Nothing is changed where the C library is not glibc, or where the user set glibc's MALLOC_ARENA_MAX (their
   setting wins). Must run before JAX starts its threads: a thread keeps the arena it first allocated from.
@@ -95,7 +95,7 @@ def release_freed_memory() -> bool:
   """Give the pages of the heap's free memory back to the system (glibc's malloc_trim); True where it did.
 
   Why: with `keep_freed_memory` nothing freed is ever returned, so a process would hold the largest heap
-  any earlier stage needed through every later one. Called between stages (pipeline.compress), it costs
+  any earlier stage needed through every later one. Called between stages (pipeline.py), it costs
   one round of page faults per stage, not per step: the README's demo drops to 0.5 GB resident after its
   baseline (from 2.5 GB) and to 0.7 GB after its search. It does not lower the peak, which the fine-tuning
   stage reaches by itself (4.8 GB, against 2.3 GB with glibc's default; trimming after every epoch did not
