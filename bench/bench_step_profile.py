@@ -11,6 +11,11 @@ the activations laid out for the kernel-gradient convolutions, 'bitcast_broadcas
 vector written out to a whole activation for a YNNPACK fusion. Compare two variants' rows to find where one
 costs more (the issue's mask overhead: 'masked' against 'dense').
 
+The profiler's own allocations can move XLA's per-step buffers to fresh memory (xla_setup.keep_freed_memory),
+so a traced step may fault its buffers in again and run 2-3x slower than untraced (seen 2026-12-02 on an Intel
+Xeon, on whichever variant it hit): each variant's line prints its page faults per traced step; where they are
+not near 0, compare that variant's figures with care or run it again.
+
 Run it on one core (taskset): there every operation, the convolutions included, is one traced event; with
 more cores XLA splits a convolution into untraced pieces and its row is missing (the header line then shows
 the operations' sum well under the wall time). Reads the trace with TensorFlow's xplane protos
@@ -24,6 +29,7 @@ import collections
 import glob
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -81,15 +87,17 @@ def main():
     state, metrics = step(state, data, masks)  # compiles
     jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory() as trace_dir:
-      t0 = time.perf_counter()
+      t0, f0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       with jax.profiler.trace(trace_dir):
         for _ in range(args.steps):
           state, metrics = step(state, data, masks)
           jax.block_until_ready(metrics)
       wall = (time.perf_counter() - t0) / args.steps
+      faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // args.steps
       total, count = traced_ops(trace_dir)
     ms = {k: v / 1e9 / args.steps for k, v in total.items()}
-    print(f'\n{name}: {sum(ms.values()):.0f} ms of operations per step ({wall * 1e3:.0f} ms wall, traced)')
+    print(f'\n{name}: {sum(ms.values()):.0f} ms of operations per step ({wall * 1e3:.0f} ms wall, traced; '
+          f'{faults:,} page faults per step)')
     for kind, v in sorted(ms.items(), key=lambda kv: -kv[1])[:args.top]:
       print(f'  {v:8.1f} ms  {count[kind] // args.steps:5d}x  {kind}')
   print(f'\nreproduce: taskset -c 0 .venv/bin/python bench/bench_step_profile.py --arch {args.arch} --steps {args.steps} '

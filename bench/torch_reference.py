@@ -16,6 +16,10 @@ Commands ({"op": ...}):
              momentum 0.9, weight decay 5e-4, BatchNorm in training mode), then the validation loss
              (eval mode) -> {"seconds", "train_s", "val_s", "loss", "step_times"}; extra_steps: then that
              many more steps, each timed (not part of "seconds"), for a per-step figure.
+  unit       {"hw", "c_in", "c_out", "batch", "n", "clock"}: one 3x3 conv (stride 1, padding 1) of a
+             (batch, c_in, hw, hw) input, timed n times each: 'forward', its 'input_grad' and 'kernel_grad'
+             (aten.convolution_backward), and 'unit': conv -> BatchNorm (training mode) -> ReLU, forward and
+             backward of sum(y * g) -> {part: [seconds]}.
   original   {"dir", "keep_fraction", "tau", "val_images", "batch", "seed", "extra_steps"}: the same with the
              ORIGINAL's own code from a checkout of github.com/fanxxxxyi/PIC-PQ at `dir` (its resnet_56, its
              FilterPrunerResNet.pruning_with_transformations with a random perturbation, drives.train /
@@ -181,6 +185,33 @@ class Server:
       train_step(model, opt, *train[i % len(train)])
       step_times.append(tick() - s0)
     return {'seconds': t2 - t0, 'train_s': t1 - t0, 'val_s': t2 - t1, 'loss': loss, 'step_times': step_times}
+
+  def unit(self, hw, c_in, c_out, batch=128, n=5, clock='wall'):
+    tick = CLOCKS[clock]
+    x = torch.randn(batch, c_in, hw, hw, requires_grad=True)
+    conv, bn = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+    w = conv.weight
+    dy = torch.randn(batch, c_out, hw, hw)
+
+    def grad(which):  # which: (input, weight, bias) gradients wanted
+      return torch.ops.aten.convolution_backward(dy, x, w, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1, which)
+
+    def unit():
+      (torch.relu(bn(conv(x))) * dy).sum().backward()
+
+    parts = {'forward': lambda: F.conv2d(x, w, padding=1), 'input_grad': lambda: grad((True, False, False)),
+             'kernel_grad': lambda: grad((False, True, False)), 'unit': unit}
+    out = {}
+    for name, fn in parts.items():
+      with torch.set_grad_enabled(name == 'unit'):
+        fn()  # warm-up
+        times = []
+        for _ in range(n):
+          t0 = tick()
+          fn()
+          times.append(tick() - t0)
+      out[name] = times
+    return out
 
   def original(self, dir, keep_fraction=0.45, tau=200, val_images=5000, batch=128, seed=0,  # noqa: A002
                extra_steps=0, clock='wall'):

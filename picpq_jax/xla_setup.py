@@ -75,7 +75,7 @@ def keep_freed_memory() -> bool:
   --memory). With one arena (threads allocate from the main heap, which may grow past any size), no mapped
   chunks and no trimming, the buffer freed by one step is the next step's, already in memory. The price:
   the process holds on to its peak heap until `release_freed_memory` runs, and buffers of different sizes
-  fragment it (the README's demo peaked at 5.0-6.7 GB resident against 2.5 GB with glibc's default).
+  fragment it (the README's demo peaked at 5.0-7.6 GB resident against 2.5 GB with glibc's default).
 
   Nothing is changed where the C library is not glibc, or where the user set glibc's MALLOC_ARENA_MAX (their
   setting wins). Must run before JAX starts its threads: a thread keeps the arena it first allocated from.
