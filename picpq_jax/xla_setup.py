@@ -65,6 +65,18 @@ def cpu_flags(isa: str | None = None) -> str:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+def _glibc_function(name: str, argtypes: tuple):
+  """glibc's function `name` in the C library this process runs on, or None where that is not glibc."""
+  if platform.libc_ver()[0] != 'glibc':
+    return None
+  try:
+    fn = getattr(ctypes.CDLL(None), name)
+  except (OSError, AttributeError):
+    return None
+  fn.argtypes = argtypes
+  return fn
+
+
 def keep_freed_memory() -> bool:
   """Make glibc keep the memory this process frees for its next allocations; True where it was set.
 
@@ -80,13 +92,9 @@ def keep_freed_memory() -> bool:
   Nothing is changed where the C library is not glibc, or where the user set glibc's MALLOC_ARENA_MAX (their
   setting wins). Must run before JAX starts its threads: a thread keeps the arena it first allocated from.
   """
-  if 'MALLOC_ARENA_MAX' in os.environ or platform.libc_ver()[0] != 'glibc':
+  mallopt = _glibc_function('mallopt', (ctypes.c_int, ctypes.c_int))
+  if 'MALLOC_ARENA_MAX' in os.environ or mallopt is None:
     return False
-  try:
-    mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
-  except (OSError, AttributeError):
-    return False
-  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   # -1 as the trim threshold: never give the top of the heap back (man mallopt).
   return all([mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))])
 
@@ -103,14 +111,8 @@ def release_freed_memory() -> bool:
   are freed before the trim.
   """
   gc.collect()
-  if platform.libc_ver()[0] != 'glibc':
-    return False
-  try:
-    malloc_trim = ctypes.CDLL(None).malloc_trim
-  except (OSError, AttributeError):
-    return False
-  malloc_trim.argtypes = (ctypes.c_size_t,)
-  return malloc_trim(0) == 1
+  malloc_trim = _glibc_function('malloc_trim', (ctypes.c_size_t,))
+  return malloc_trim is not None and malloc_trim(0) == 1
 
 
 def configure_cpu(device_count: int | None = None) -> str:

@@ -32,10 +32,15 @@ print(faults[1])
 PAGES = (64 << 20) // 4096  # the buffer in 4 KiB pages (32 pages where the kernel backs it with 2 MiB ones)
 
 
+def run_script(script: str, *args: str) -> list[str]:
+  """What `script` prints, run in a new Python without a user's MALLOC_ARENA_MAX (which turns the setting off)."""
+  env = {k: v for k, v in os.environ.items() if k != 'MALLOC_ARENA_MAX'}
+  out = subprocess.run([sys.executable, '-c', script, *args], capture_output=True, text=True, check=True, env=env)
+  return out.stdout.split()
+
+
 def second_buffer_faults(memory: str) -> int:
-  env = {k: v for k, v in os.environ.items() if k != 'MALLOC_ARENA_MAX'}  # which would turn the setting off
-  out = subprocess.run([sys.executable, '-c', SCRIPT, memory], capture_output=True, text=True, check=True, env=env)
-  return int(out.stdout.split()[-1])
+  return int(run_script(SCRIPT, memory)[-1])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='keep_freed_memory sets glibc malloc options only')
@@ -75,7 +80,5 @@ print(before, resident_mib())
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='release_freed_memory calls glibc malloc_trim')
 def test_release_freed_memory_returns_a_freed_hole_of_the_heap():
-  env = {k: v for k, v in os.environ.items() if k != 'MALLOC_ARENA_MAX'}
-  out = subprocess.run([sys.executable, '-c', RELEASE_SCRIPT], capture_output=True, text=True, check=True, env=env)
-  before, after = map(float, out.stdout.split()[-2:])
+  before, after = map(float, run_script(RELEASE_SCRIPT)[-2:])
   assert before - after > 60  # MiB: the 64 MiB hole, less the pages at its ends that share live chunks
